@@ -1,0 +1,179 @@
+//! The durable queue: the spool on disk plus an in-memory schedule of when each message is
+//! due. Delivery workers wait on the schedule (a timer to the earliest due message, woken
+//! early by new mail), so nothing polls message files in a loop.
+
+pub mod schedule;
+pub mod spool;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::{unix_seconds, Assembled, QueueId};
+pub use schedule::RetryPolicy;
+pub use spool::{Entry, Recipient, RecipientStatus, Spool, SpoolError};
+
+#[derive(Debug, Default)]
+struct Schedule {
+    due: BTreeSet<(i64, QueueId)>,
+    busy: HashSet<QueueId>,
+}
+
+/// The queue shared by the submission pipeline, the delivery workers and the CLI rescan.
+#[derive(Debug)]
+pub struct Queue {
+    spool: Spool,
+    retry: RetryPolicy,
+    schedule: Mutex<Schedule>,
+    wake: Notify,
+}
+
+impl Queue {
+    /// Opens the spool, cleans up after a crash and schedules every committed message.
+    pub fn open(dir: &Path, retry: RetryPolicy) -> Result<Arc<Self>, SpoolError> {
+        let spool = Spool::open(dir)?;
+        let removed = spool.recover()?;
+        if removed > 0 {
+            tracing::info!(removed, "removed incomplete files from the spool");
+        }
+        let queue = Arc::new(Self {
+            spool,
+            retry,
+            schedule: Mutex::new(Schedule::default()),
+            wake: Notify::new(),
+        });
+        queue.rescan()?;
+        Ok(queue)
+    }
+
+    /// The spool underneath.
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// The retry settings.
+    pub fn retry(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rebuilds the schedule from the entries on disk (at start, and when `queue retry` asks).
+    pub fn rescan(&self) -> Result<usize, SpoolError> {
+        let (entries, errors) = self.spool.entries()?;
+        for e in errors {
+            tracing::error!(error = %e, "unreadable queue entry left in place");
+        }
+        let mut schedule = self.lock();
+        let busy = std::mem::take(&mut schedule.busy);
+        schedule.due = entries
+            .iter()
+            .filter(|e| !busy.contains(&e.id))
+            .map(|e| (e.next_attempt, e.id.clone()))
+            .collect();
+        schedule.busy = busy;
+        let count = entries.len();
+        drop(schedule);
+        self.wake.notify_waiters();
+        Ok(count)
+    }
+
+    /// Commits a new message durably, then schedules it. Only after this returns may the
+    /// client be told `250`.
+    pub async fn enqueue(&self, entry: Entry, message: Assembled) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let entry = tokio::task::spawn_blocking(move || {
+            spool.commit(&entry, &message.slices()).map(|()| entry)
+        })
+        .await
+        .map_err(|e| SpoolError::Io {
+            path: "spool writer".into(),
+            source: std::io::Error::other(e),
+        })??;
+        self.lock().due.insert((entry.next_attempt, entry.id.clone()));
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Waits for the next due message and claims it; `None` once `stop` is cancelled.
+    pub async fn next_due(&self, stop: &CancellationToken) -> Option<Entry> {
+        loop {
+            let wait = {
+                let mut schedule = self.lock();
+                let now = unix_seconds(SystemTime::now());
+                match schedule.due.first().cloned() {
+                    Some((at, id)) if at <= now => {
+                        schedule.due.remove(&(at, id.clone()));
+                        match self.spool.read_entry(&id) {
+                            Ok(entry) => {
+                                schedule.busy.insert(id);
+                                return Some(entry);
+                            }
+                            // Deleted by `queue delete` since it was scheduled.
+                            Err(SpoolError::NotFound(_)) => continue,
+                            Err(e) => {
+                                tracing::error!(%id, error = %e, "cannot read queue entry");
+                                continue;
+                            }
+                        }
+                    }
+                    Some((at, _)) => Duration::from_secs(u64::try_from(at - now).unwrap_or(1)),
+                    None => Duration::from_secs(3600),
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Stores the outcome of an attempt: removes a finished message, or writes its entry and
+    /// schedules the next attempt.
+    pub async fn finish(&self, entry: Entry) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let id = entry.id.clone();
+        let next = entry.next_attempt;
+        let done = entry.is_done();
+        let result = tokio::task::spawn_blocking(move || {
+            if done {
+                spool.remove(&entry.id)
+            } else {
+                spool.write_entry(&entry)
+            }
+        })
+        .await
+        .map_err(|e| SpoolError::Io {
+            path: "spool writer".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut schedule = self.lock();
+        schedule.busy.remove(&id);
+        if !done {
+            schedule.due.insert((next, id));
+        }
+        drop(schedule);
+        self.wake.notify_one();
+        result
+    }
+
+    /// Gives a claimed message back untouched (shutdown before the attempt started).
+    pub fn release(&self, entry: &Entry) {
+        let mut schedule = self.lock();
+        schedule.busy.remove(&entry.id);
+        schedule.due.insert((entry.next_attempt, entry.id.clone()));
+    }
+
+    /// Messages in the queue, and the receive time of the oldest.
+    pub fn stats(&self) -> (usize, Option<i64>) {
+        let schedule = self.lock();
+        (schedule.due.len() + schedule.busy.len(), None)
+    }
+}

@@ -438,9 +438,8 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         match &self.relay {
-            None => warnings.push(
-                "no [relay] configured: accepted mail stays queued until one is".to_owned(),
-            ),
+            None => warnings
+                .push("no [relay] configured: accepted mail stays queued until one is".to_owned()),
             Some(relay) if relay.tls == RelayTls::None && !is_loopback_host(&relay.host) => {
                 warnings.push(format!(
                     "[relay] tls = \"none\" sends mail and credentials in plaintext to {}",

@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use mail_auth::common::crypto::{
-    Algorithm, DkimKey, Ed25519Key, RsaKey, Sha256, SigningKey,
-};
+use mail_auth::common::crypto::{Algorithm, DkimKey, Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 use rsa::pkcs1::DecodeRsaPrivateKey;
@@ -170,7 +168,8 @@ pub fn generate_key(key_type: KeyType, bits: usize) -> Result<String, String> {
             if bits < MIN_RSA_BITS || bits > 8192 {
                 return Err(format!("RSA keys must have {MIN_RSA_BITS} to 8192 bits"));
             }
-            let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits).map_err(|e| e.to_string())?;
+            let key =
+                rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits).map_err(|e| e.to_string())?;
             key.to_pkcs8_pem(LineEnding::LF)
                 .map(|pem| pem.to_string())
                 .map_err(|e| e.to_string())
@@ -311,10 +310,17 @@ mod tests {
     #[test]
     fn dns_record_splits_long_values() {
         let short = dns_record("s1", "example.org", KeyType::Ed25519, "AAAA");
-        assert_eq!(short, "s1._domainkey.example.org. IN TXT \"v=DKIM1; k=ed25519; p=AAAA\"");
+        assert_eq!(
+            short,
+            "s1._domainkey.example.org. IN TXT \"v=DKIM1; k=ed25519; p=AAAA\""
+        );
         let long_key = "A".repeat(392);
         let long = dns_record("s2", "example.org", KeyType::Rsa, &long_key);
-        let strings: Vec<&str> = long.split('"').filter(|s| !s.trim().is_empty()).skip(1).collect();
+        let strings: Vec<&str> = long
+            .split('"')
+            .filter(|s| !s.trim().is_empty())
+            .skip(1)
+            .collect();
         assert_eq!(strings.len(), 2);
         assert_eq!(strings[0].len(), 255);
         assert_eq!(strings.concat(), format!("v=DKIM1; k=rsa; p={long_key}"));
@@ -341,7 +347,9 @@ mod tests {
         let names = vec!["From".to_owned(), "From".to_owned(), "Subject".to_owned()];
         let sigs = signer.sign("example.org", &msg, &names).unwrap();
         assert_eq!(sigs.len(), 1);
-        assert!(sigs[0].starts_with("DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.org; c=relaxed/relaxed"));
+        assert!(sigs[0].starts_with(
+            "DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.org; c=relaxed/relaxed"
+        ));
         assert!(signer.sign("example.net", &msg, &names).unwrap().is_empty());
     }
 
@@ -355,7 +363,10 @@ mod tests {
         assert!(err.contains("1024 bits"), "{err}");
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "hello").unwrap();
-        assert!(load_key(&junk).unwrap_err().to_string().contains("junk.pem"));
+        assert!(load_key(&junk)
+            .unwrap_err()
+            .to_string()
+            .contains("junk.pem"));
         assert!(load_key(&dir.path().join("missing.pem")).is_err());
     }
 }

@@ -172,13 +172,22 @@ pub async fn run(
         };
         match limits.admit(peer.ip()) {
             Ok(guard) => {
-                tracker.spawn(connection::serve(stream, peer, kind, Arc::clone(&ctx), guard));
+                tracker.spawn(connection::serve(
+                    stream,
+                    peer,
+                    kind,
+                    Arc::clone(&ctx),
+                    guard,
+                ));
             }
             Err(cap) => {
                 warn!(client = %peer.ip(), port = kind.name(), reason = %cap, "connection refused");
                 if kind == ListenerKind::Submission {
                     tracker.spawn(async move {
-                        let reply = format!("421 4.7.0 {}, try again later\r\n", capitalize(&cap.to_string()));
+                        let reply = format!(
+                            "421 4.7.0 {}, try again later\r\n",
+                            capitalize(&cap.to_string())
+                        );
                         let _ = stream.write_all(reply.as_bytes()).await;
                         let _ = stream.shutdown().await;
                     });

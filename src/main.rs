@@ -18,7 +18,12 @@ use submitd::store::Store;
 #[command(name = "submitd", version)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, env = "SUBMITD_CONFIG", default_value = "submitd.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "SUBMITD_CONFIG",
+        default_value = "submitd.toml"
+    )]
     config: PathBuf,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -180,7 +185,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -226,17 +233,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::User(cmd) => {
             let store = open_store(config_path).await?;
             let result = match cmd {
-                UserCommand::Add { email, password_stdin } => admin::users::add(&store, &email, password_stdin).await,
-                UserCommand::Passwd { email, password_stdin } => {
-                    admin::users::passwd(&store, &email, password_stdin).await
-                }
+                UserCommand::Add {
+                    email,
+                    password_stdin,
+                } => admin::users::add(&store, &email, password_stdin).await,
+                UserCommand::Passwd {
+                    email,
+                    password_stdin,
+                } => admin::users::passwd(&store, &email, password_stdin).await,
                 UserCommand::Del { email } => admin::users::delete(&store, &email).await,
                 UserCommand::List { json } => admin::users::list(&store, json).await,
-                UserCommand::Disable { email } => admin::users::set_disabled(&store, &email, true).await,
-                UserCommand::Enable { email } => admin::users::set_disabled(&store, &email, false).await,
-                UserCommand::Allow { email, address } => admin::users::allow(&store, &email, &address).await,
-                UserCommand::Deny { email, address } => admin::users::deny(&store, &email, &address).await,
-                UserCommand::Set { email, received } => admin::users::set_received(&store, &email, &received).await,
+                UserCommand::Disable { email } => {
+                    admin::users::set_disabled(&store, &email, true).await
+                }
+                UserCommand::Enable { email } => {
+                    admin::users::set_disabled(&store, &email, false).await
+                }
+                UserCommand::Allow { email, address } => {
+                    admin::users::allow(&store, &email, &address).await
+                }
+                UserCommand::Deny { email, address } => {
+                    admin::users::deny(&store, &email, &address).await
+                }
+                UserCommand::Set { email, received } => {
+                    admin::users::set_received(&store, &email, &received).await
+                }
             };
             store.close().await;
             result
@@ -256,10 +277,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             result
         }
-        Command::Dkim(DkimCommand::Generate { domain, selector, algorithm, bits, out }) => {
-            admin::dkim::generate(&domain, &selector, &algorithm, bits, &out)
-        }
-        Command::Dkim(DkimCommand::Dns { key, domain, selector }) => admin::dkim::print_record(&key, &domain, &selector),
+        Command::Dkim(DkimCommand::Generate {
+            domain,
+            selector,
+            algorithm,
+            bits,
+            out,
+        }) => admin::dkim::generate(&domain, &selector, &algorithm, bits, &out),
+        Command::Dkim(DkimCommand::Dns {
+            key,
+            domain,
+            selector,
+        }) => admin::dkim::print_record(&key, &domain, &selector),
         Command::Cert(CertCommand::SelfSigned { hostname, out_dir }) => {
             let (cert, key) = submitd::tls::write_self_signed(&hostname, &out_dir)?;
             println!("wrote {} and {}", cert.display(), key.display());

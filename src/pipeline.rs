@@ -51,9 +51,10 @@ impl SubmitError {
             SubmitError::From(FromError::Unparsable) => {
                 Reply::new(550, (5, 6, 0), "From header cannot be parsed")
             }
-            SubmitError::Dkim(_) | SubmitError::Spool(_) | SubmitError::Trace(_) | SubmitError::Task => {
-                replies::temporary_failure()
-            }
+            SubmitError::Dkim(_)
+            | SubmitError::Spool(_)
+            | SubmitError::Trace(_)
+            | SubmitError::Task => replies::temporary_failure(),
         }
     }
 }
@@ -91,7 +92,11 @@ pub fn prepare(
 ) -> Result<Prepared, FromError> {
     let (fields, header_end) = headers::fields(&data);
     sender::check_from(&submission.identity, &data, &fields)?;
-    let policy = privacy::resolve(ctx.privacy, submission.identity.received, ctx.client.address);
+    let policy = privacy::resolve(
+        ctx.privacy,
+        submission.identity.received,
+        ctx.client.address,
+    );
     let kept: Vec<&Field<'_>> = fields
         .iter()
         .filter(|f| !privacy::must_remove(f, policy, &ctx.privacy.remove_headers))
@@ -164,7 +169,10 @@ impl Pipeline {
         let prepared = prepare(submission, data, &ctx)?;
         let message = self.sign(prepared).await?;
 
-        let tls = client.tls.as_ref().map_or("none".to_owned(), |t| t.version.clone());
+        let tls = client
+            .tls
+            .as_ref()
+            .map_or("none".to_owned(), |t| t.version.clone());
         self.store
             .insert_trace(&TraceRecord {
                 queue_id: id.to_string(),
@@ -300,7 +308,10 @@ mod tests {
         assert!(kept.starts_with("Received: from [192.168.19.77] ([127.0.0.77])"));
         assert!(kept.contains("Received: inner\r\n"));
         let stripped = run(msg, Some(ReceivedPolicy::Strip)).unwrap();
-        assert_eq!(stripped, "From: alice@example.org\r\nDate: x\r\nMessage-ID: <a@b>\r\n\r\nb\r\n");
+        assert_eq!(
+            stripped,
+            "From: alice@example.org\r\nDate: x\r\nMessage-ID: <a@b>\r\n\r\nb\r\n"
+        );
     }
 
     #[test]
@@ -309,6 +320,9 @@ mod tests {
             run("From: mallory@example.org\r\n\r\nb\r\n", None).unwrap_err(),
             FromError::NotOwned("mallory@example.org".into())
         );
-        assert_eq!(run("Subject: x\r\n\r\nb\r\n", None).unwrap_err(), FromError::Missing);
+        assert_eq!(
+            run("Subject: x\r\n\r\nb\r\n", None).unwrap_err(),
+            FromError::Missing
+        );
     }
 }

@@ -62,10 +62,12 @@ impl Listeners {
             (&config.listen.submissions, &mut listeners.submissions),
         ] {
             for addr in addrs {
-                let l = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
                 out.push(l);
             }
         }
@@ -74,7 +76,11 @@ impl Listeners {
 }
 
 /// Runs the server until `shutdown` is cancelled, then shuts down gracefully.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     for w in config.warnings() {
         warn!("{w}");
     }
@@ -131,7 +137,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             if let Ok(addr) = l.local_addr() {
                 info!(%addr, port = kind.name(), "listening");
             }
-            sessions.spawn(listener::run(l, kind, Arc::clone(&ctx), Arc::clone(&limits), sessions.clone()));
+            sessions.spawn(listener::run(
+                l,
+                kind,
+                Arc::clone(&ctx),
+                Arc::clone(&limits),
+                sessions.clone(),
+            ));
         }
     }
 
@@ -149,7 +161,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     }
     workers.spawn(watch_wakeup(Arc::clone(&queue), shutdown.clone()));
-    workers.spawn(prune_traces(store.clone(), config.privacy.trace_retention, shutdown.clone()));
+    workers.spawn(prune_traces(
+        store.clone(),
+        config.privacy.trace_retention,
+        shutdown.clone(),
+    ));
 
     info!(hostname = %config.hostname, "submitd running");
     shutdown.cancelled().await;
@@ -163,7 +179,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     })
     .await;
     if finished.is_err() {
-        warn!(?grace, "grace period over; abandoning what is still running (queued mail stays queued)");
+        warn!(
+            ?grace,
+            "grace period over; abandoning what is still running (queued mail stays queued)"
+        );
     }
     store.close().await;
     info!("stopped");

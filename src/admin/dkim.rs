@@ -8,7 +8,13 @@ use crate::dkim::{dns_record, generate_key, load_key, KeyType};
 use crate::tls::write_private;
 
 /// `dkim generate`.
-pub fn generate(domain: &str, selector: &str, algorithm: &str, bits: usize, out: &Path) -> anyhow::Result<()> {
+pub fn generate(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    bits: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
     let key_type = match algorithm {
         "ed25519" => KeyType::Ed25519,
         "rsa" => KeyType::Rsa,
@@ -36,6 +42,9 @@ pub fn generate(domain: &str, selector: &str, algorithm: &str, bits: usize, out:
 /// `dkim dns`: the record for an existing key.
 pub fn print_record(key: &Path, domain: &str, selector: &str) -> anyhow::Result<()> {
     let loaded = load_key(key)?;
-    println!("{}", dns_record(selector, domain, loaded.key_type, &loaded.public_key));
+    println!(
+        "{}",
+        dns_record(selector, domain, loaded.key_type, &loaded.public_key)
+    );
     Ok(())
 }

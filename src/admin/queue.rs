@@ -54,12 +54,27 @@ pub fn list(spool: &Spool, json: bool) -> anyhow::Result<()> {
                 format!("<{}>", e.sender),
                 recipients,
                 e.attempts.to_string(),
-                if e.next_attempt <= now { "now".into() } else { format!("in {}", age(e.next_attempt - now)) },
+                if e.next_attempt <= now {
+                    "now".into()
+                } else {
+                    format!("in {}", age(e.next_attempt - now))
+                },
                 e.last_error.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    print_table(&["ID", "AGE", "SENDER", "RECIPIENTS", "TRIES", "NEXT", "LAST ERROR"], &rows);
+    print_table(
+        &[
+            "ID",
+            "AGE",
+            "SENDER",
+            "RECIPIENTS",
+            "TRIES",
+            "NEXT",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
     println!("{} message(s)", entries.len());
     Ok(())
 }
@@ -70,7 +85,14 @@ pub fn show(spool: &Spool, text: &str) -> anyhow::Result<()> {
     println!("id:          {}", entry.id);
     println!("received:    {}", when(entry.received_at));
     println!("sender:      <{}>", entry.sender);
-    println!("user:        {}", if entry.user.is_empty() { "-" } else { &entry.user });
+    println!(
+        "user:        {}",
+        if entry.user.is_empty() {
+            "-"
+        } else {
+            &entry.user
+        }
+    );
     println!("client:      {} (EHLO {})", entry.client_ip, entry.ehlo);
     println!("tls:         {}", entry.tls);
     println!("attempts:    {}", entry.attempts);

@@ -54,10 +54,12 @@ pub async fn set_disabled(store: &Store, email: &str, disabled: bool) -> anyhow:
 /// Checks an ADDRESS argument of `allow`/`deny`: `local@domain` or `@domain`.
 fn sender_address(address: &str) -> anyhow::Result<String> {
     if let Some(domain) = address.strip_prefix('@') {
-        let parsed = Address::parse(&format!("x@{domain}")).map_err(|e| anyhow::anyhow!("invalid domain {domain}: {e}"))?;
+        let parsed = Address::parse(&format!("x@{domain}"))
+            .map_err(|e| anyhow::anyhow!("invalid domain {domain}: {e}"))?;
         return Ok(format!("@{}", parsed.domain()));
     }
-    let parsed = Address::parse(address).map_err(|e| anyhow::anyhow!("invalid address {address}: {e}"))?;
+    let parsed =
+        Address::parse(address).map_err(|e| anyhow::anyhow!("invalid address {address}: {e}"))?;
     Ok(parsed.to_string())
 }
 
@@ -110,7 +112,12 @@ pub async fn list(store: &Store, json: bool) -> anyhow::Result<()> {
         out.push(serde_json::json!({
             "email": u.email, "state": state, "received": received, "allowed": allowed,
         }));
-        rows.push(vec![u.email.clone(), state.into(), received.into(), allowed.join(" ")]);
+        rows.push(vec![
+            u.email.clone(),
+            state.into(),
+            received.into(),
+            allowed.join(" "),
+        ]);
     }
     if json {
         println!("{}", serde_json::Value::Array(out));

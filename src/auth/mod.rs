@@ -161,7 +161,10 @@ mod tests {
 
     #[test]
     fn logins_are_normalised_on_the_domain_only() {
-        assert_eq!(normalize_login("Alice@Example.ORG").as_deref(), Some("Alice@example.org"));
+        assert_eq!(
+            normalize_login("Alice@Example.ORG").as_deref(),
+            Some("Alice@example.org")
+        );
         assert_eq!(normalize_login("nodomain"), None);
     }
 }

@@ -127,9 +127,18 @@ mod tests {
     #[test]
     fn plain_table() {
         let table: &[(&[u8], Result<(&str, &str), SaslError>)] = &[
-            (b"\0alice@example.org\0secret", Ok(("alice@example.org", "secret"))),
-            (b"alice@example.org\0alice@example.org\0pw", Ok(("alice@example.org", "pw"))),
-            (b"bob\0alice@example.org\0pw", Err(SaslError::AuthzidMismatch)),
+            (
+                b"\0alice@example.org\0secret",
+                Ok(("alice@example.org", "secret")),
+            ),
+            (
+                b"alice@example.org\0alice@example.org\0pw",
+                Ok(("alice@example.org", "pw")),
+            ),
+            (
+                b"bob\0alice@example.org\0pw",
+                Err(SaslError::AuthzidMismatch),
+            ),
             (b"\0alice@example.org", Err(SaslError::Malformed)),
             (b"\0alice@example.org\0", Err(SaslError::Malformed)),
             (b"\0\0pw", Err(SaslError::Malformed)),
@@ -138,7 +147,10 @@ mod tests {
         ];
         for (raw, want) in table {
             let got = decode_plain(&b64(raw));
-            let got = got.as_ref().map(|c| (c.login(), c.password())).map_err(|e| *e);
+            let got = got
+                .as_ref()
+                .map(|c| (c.login(), c.password()))
+                .map_err(|e| *e);
             assert_eq!(got, *want, "{raw:?}");
         }
         assert_eq!(decode_plain(b"*"), Err(SaslError::Cancelled));

@@ -57,9 +57,9 @@ impl Throttle {
     pub fn is_throttled(&self, account: &str, ip: IpAddr, now: Instant) -> bool {
         let windows = self.lock();
         let over = |key: Key, max: u32| {
-            windows
-                .get(&key)
-                .is_some_and(|w| now.duration_since(w.started) < self.settings.lockout && w.failures >= max)
+            windows.get(&key).is_some_and(|w| {
+                now.duration_since(w.started) < self.settings.lockout && w.failures >= max
+            })
         };
         over(
             Key::AccountFromIp(account.to_owned(), ip),
@@ -98,7 +98,8 @@ impl Throttle {
 
     /// A successful login clears that account's failures from that address.
     pub fn record_success(&self, account: &str, ip: IpAddr) {
-        self.lock().remove(&Key::AccountFromIp(account.to_owned(), ip));
+        self.lock()
+            .remove(&Key::AccountFromIp(account.to_owned(), ip));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Window>> {

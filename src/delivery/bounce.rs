@@ -24,7 +24,10 @@ pub fn status_of(reply: &str) -> String {
     let code = words.next().unwrap_or("");
     if let Some(candidate) = words.next() {
         let parts: Vec<&str> = candidate.split('.').collect();
-        let numeric = parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+        let numeric = parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
         if numeric && matches!(parts[0], "2" | "4" | "5") {
             return candidate.to_owned();
         }
@@ -37,17 +40,28 @@ pub fn status_of(reply: &str) -> String {
 
 /// Builds the DSN message for `failed` recipients of the message `entry` describes;
 /// `original` is the queued message, whose header section is returned to the sender.
-pub fn build(ctx: &DsnContext<'_>, entry: &Entry, failed: &[&Recipient], original: &[u8]) -> Vec<u8> {
+pub fn build(
+    ctx: &DsnContext<'_>,
+    entry: &Entry,
+    failed: &[&Recipient],
+    original: &[u8],
+) -> Vec<u8> {
     let boundary = format!("{:032x}/{}", ctx.random, ctx.hostname);
     let date = rfc5322_date(ctx.now);
     let (_, header_end) = headers::fields(original);
     let original_headers = &original[..header_end];
     let mut out = String::new();
-    out.push_str(&format!("From: Mail Delivery System <MAILER-DAEMON@{}>\r\n", ctx.hostname));
+    out.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{}>\r\n",
+        ctx.hostname
+    ));
     out.push_str(&format!("To: <{}>\r\n", entry.sender));
     out.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
     out.push_str(&format!("Date: {date}\r\n"));
-    out.push_str(&format!("Message-ID: <{:032x}.dsn@{}>\r\n", ctx.random, ctx.hostname));
+    out.push_str(&format!(
+        "Message-ID: <{:032x}.dsn@{}>\r\n",
+        ctx.random, ctx.hostname
+    ));
     out.push_str("Auto-Submitted: auto-replied\r\n");
     out.push_str("MIME-Version: 1.0\r\n");
     out.push_str(&format!(
@@ -56,21 +70,32 @@ pub fn build(ctx: &DsnContext<'_>, entry: &Entry, failed: &[&Recipient], origina
     out.push_str("\r\nThis is a MIME-encapsulated message.\r\n\r\n");
 
     out.push_str(&format!("--{boundary}\r\n"));
-    out.push_str("Content-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n");
+    out.push_str(
+        "Content-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
+    );
     out.push_str(&format!(
         "This is the mail system at {}.\r\n\r\nYour message {} could not be delivered to one or more\r\nrecipients. It has been returned with this notice.\r\n\r\n",
         ctx.hostname, entry.id
     ));
     for r in failed {
-        out.push_str(&format!("<{}>: {}\r\n", r.address, one_line(r.last_reply.as_deref())));
+        out.push_str(&format!(
+            "<{}>: {}\r\n",
+            r.address,
+            one_line(r.last_reply.as_deref())
+        ));
     }
     out.push_str("\r\n");
 
     out.push_str(&format!("--{boundary}\r\n"));
-    out.push_str("Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n");
+    out.push_str(
+        "Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n",
+    );
     out.push_str(&format!("Reporting-MTA: dns; {}\r\n", ctx.hostname));
     out.push_str(&format!("X-Submitd-Queue-ID: {}\r\n", entry.id));
-    out.push_str(&format!("Arrival-Date: {}\r\n", rfc5322_date(entry.received_at)));
+    out.push_str(&format!(
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(entry.received_at)
+    ));
     for r in failed {
         let reply = one_line(r.last_reply.as_deref());
         out.push_str("\r\n");
@@ -137,8 +162,17 @@ mod tests {
             status: RecipientStatus::Failed,
             last_reply: Some("550 5.1.1 <nobody@example.net>: no such user".into()),
         };
-        let ctx = DsnContext { hostname: "mx.example.org", now: 1_796_399_273, random: 1 };
-        let dsn = build(&ctx, &entry, &[&failed], b"From: alice@example.org\r\nSubject: hi\r\n\r\nsecret body\r\n");
+        let ctx = DsnContext {
+            hostname: "mx.example.org",
+            now: 1_796_399_273,
+            random: 1,
+        };
+        let dsn = build(
+            &ctx,
+            &entry,
+            &[&failed],
+            b"From: alice@example.org\r\nSubject: hi\r\n\r\nsecret body\r\n",
+        );
         let text = String::from_utf8(dsn).unwrap();
         for want in [
             "To: <alice@example.org>\r\n",

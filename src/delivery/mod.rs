@@ -84,7 +84,11 @@ impl Delivery {
         let mut newly_failed = Vec::new();
         let mut deferred_reply = None;
         for (address, outcome) in pending.iter().zip(&outcomes) {
-            let Some(r) = entry.recipients.iter_mut().find(|r| &r.address == address && r.status == RecipientStatus::Pending) else {
+            let Some(r) = entry
+                .recipients
+                .iter_mut()
+                .find(|r| &r.address == address && r.status == RecipientStatus::Pending)
+            else {
                 continue;
             };
             let (status, reply) = match outcome {
@@ -113,7 +117,11 @@ impl Delivery {
         }
         if !entry.is_done() {
             if self.queue.retry().expired(entry.received_at, now) {
-                for r in entry.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+                for r in entry
+                    .recipients
+                    .iter_mut()
+                    .filter(|r| r.status == RecipientStatus::Pending)
+                {
                     let last = r.last_reply.clone().unwrap_or_else(|| "no reply".into());
                     r.status = RecipientStatus::Failed;
                     r.last_reply = Some(format!("{last} (message expired in queue)"));
@@ -128,13 +136,21 @@ impl Delivery {
         if !newly_failed.is_empty() {
             self.bounce(&entry, &newly_failed, &message, now).await;
         }
-        for r in entry.recipients.iter().filter(|r| r.status != RecipientStatus::Pending) {
+        for r in entry
+            .recipients
+            .iter()
+            .filter(|r| r.status != RecipientStatus::Pending)
+        {
             if pending.contains(&r.address) {
                 let outcome = match r.status {
                     RecipientStatus::Delivered => "delivered".to_owned(),
                     _ => format!("failed: {}", r.last_reply.as_deref().unwrap_or("")),
                 };
-                if let Err(e) = self.store.record_outcome(entry.id.as_str(), &r.address, &outcome).await {
+                if let Err(e) = self
+                    .store
+                    .record_outcome(entry.id.as_str(), &r.address, &outcome)
+                    .await
+                {
                     warn!(queue_id = %entry.id, error = %e, "cannot record outcome in trace");
                 }
             }
@@ -143,10 +159,10 @@ impl Delivery {
     }
 
     fn retry_later(&self, entry: &mut Entry, now: i64) {
-        entry.next_attempt = self
-            .queue
-            .retry()
-            .next_attempt(entry.attempts.max(1), entry.received_at, now);
+        entry.next_attempt =
+            self.queue
+                .retry()
+                .next_attempt(entry.attempts.max(1), entry.received_at, now);
     }
 
     async fn store_entry(&self, entry: Entry) {
@@ -178,7 +194,10 @@ impl Delivery {
         message: &[u8],
         connection: &mut Option<RelayConnection>,
     ) -> Vec<RcptOutcome> {
-        if connection.as_ref().is_some_and(|c| !c.is_usable() || c.last_used.elapsed() >= self.relay.idle_timeout()) {
+        if connection
+            .as_ref()
+            .is_some_and(|c| !c.is_usable() || c.last_used.elapsed() >= self.relay.idle_timeout())
+        {
             if let Some(c) = connection.take() {
                 c.quit().await;
             }
@@ -214,7 +233,11 @@ impl Delivery {
             info!(queue_id = %entry.id, "no bounce for a message with the null sender");
             return;
         }
-        let failed: Vec<&Recipient> = entry.recipients.iter().filter(|r| failed.contains(&r.address)).collect();
+        let failed: Vec<&Recipient> = entry
+            .recipients
+            .iter()
+            .filter(|r| failed.contains(&r.address))
+            .collect();
         let ctx = DsnContext {
             hostname: &self.hostname,
             now,
@@ -244,7 +267,9 @@ impl Delivery {
         let len = assembled.original().len();
         assembled.push_original(0..len);
         match self.queue.enqueue(bounce_entry, assembled).await {
-            Ok(()) => info!(queue_id = %entry.id, bounce_id = %id, to = %entry.sender, "bounce queued"),
+            Ok(()) => {
+                info!(queue_id = %entry.id, bounce_id = %id, to = %entry.sender, "bounce queued")
+            }
             Err(e) => error!(queue_id = %entry.id, error = %e, "cannot queue bounce"),
         }
     }

@@ -149,9 +149,10 @@ impl Relay {
             RelayTls::Implicit => self.tls.clone(),
             _ => None,
         };
-        let mut conn = AsyncSmtpConnection::connect_tokio1(address, timeout, &self.client_id, implicit, None)
-            .await
-            .map_err(|e| RelayError::Connect(describe(&e)))?;
+        let mut conn =
+            AsyncSmtpConnection::connect_tokio1(address, timeout, &self.client_id, implicit, None)
+                .await
+                .map_err(|e| RelayError::Connect(describe(&e)))?;
         if self.config.tls == RelayTls::Starttls {
             let Some(tls) = self.tls.clone() else {
                 return Err(RelayError::TlsSetup("no TLS parameters".into()));
@@ -215,7 +216,9 @@ impl RelayConnection {
         let mut accepted = Vec::new();
         for (i, rcpt) in recipients.iter().enumerate() {
             let Ok(address) = rcpt.parse::<lettre::Address>() else {
-                outcomes[i] = Some(RcptOutcome::Failed("553 5.1.3 recipient address not usable".into()));
+                outcomes[i] = Some(RcptOutcome::Failed(
+                    "553 5.1.3 recipient address not usable".into(),
+                ));
                 continue;
             };
             match self.conn.command(Rcpt::new(address, vec![])).await {
@@ -225,12 +228,19 @@ impl RelayConnection {
         }
         if accepted.is_empty() {
             self.reset().await?;
-            return Ok(outcomes.into_iter().map(|o| o.unwrap_or(RcptOutcome::Deferred("no reply".into()))).collect());
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(RcptOutcome::Deferred("no reply".into())))
+                .collect());
         }
         let data_result = match self.conn.command(Data).await {
             // lettre appends CRLF.CRLF itself; giving it the final CRLF too would add an
             // empty line to every message.
-            Ok(_) => self.conn.message(message.strip_suffix(b"\r\n").unwrap_or(message)).await,
+            Ok(_) => {
+                self.conn
+                    .message(message.strip_suffix(b"\r\n").unwrap_or(message))
+                    .await
+            }
             Err(e) => Err(e),
         };
         let shared = match data_result {
@@ -255,7 +265,11 @@ impl RelayConnection {
             .collect())
     }
 
-    async fn all_refused(&mut self, e: &SmtpError, count: usize) -> Result<Vec<RcptOutcome>, RelayError> {
+    async fn all_refused(
+        &mut self,
+        e: &SmtpError,
+        count: usize,
+    ) -> Result<Vec<RcptOutcome>, RelayError> {
         let outcome = refusal(e)?;
         self.reset().await?;
         Ok(vec![outcome; count])

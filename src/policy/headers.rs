@@ -28,7 +28,8 @@ pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
     let mut fields: Vec<Field<'_>> = Vec::new();
     let mut pos = 0;
     while pos < message.len() {
-        let line_end = memchr::memchr(b'\n', &message[pos..]).map_or(message.len(), |i| pos + i + 1);
+        let line_end =
+            memchr::memchr(b'\n', &message[pos..]).map_or(message.len(), |i| pos + i + 1);
         let line = &message[pos..line_end];
         let is_continuation = matches!(line.first(), Some(b' ' | b'\t'));
         if is_continuation {
@@ -41,8 +42,11 @@ pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
                 break;
             };
             let name = &line[..colon];
-            let valid = !name.is_empty() && name.iter().all(|&b| (33..=126).contains(&b) && b != b':');
-            let Ok(name) = std::str::from_utf8(name) else { break };
+            let valid =
+                !name.is_empty() && name.iter().all(|&b| (33..=126).contains(&b) && b != b':');
+            let Ok(name) = std::str::from_utf8(name) else {
+                break;
+            };
             if !valid {
                 break;
             }
@@ -62,7 +66,8 @@ mod tests {
 
     #[test]
     fn finds_fields_and_folding() {
-        let msg = b"From: a@b.c\r\nSubject: hello\r\n  world\r\nX-Y:z\r\n\r\nbody: not a header\r\n";
+        let msg =
+            b"From: a@b.c\r\nSubject: hello\r\n  world\r\nX-Y:z\r\n\r\nbody: not a header\r\n";
         let (f, end) = fields(msg);
         let names: Vec<_> = f.iter().map(|f| f.name).collect();
         assert_eq!(names, ["From", "Subject", "X-Y"]);

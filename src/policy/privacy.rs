@@ -14,10 +14,19 @@ use crate::config::{NetworkPolicy, PrivacyConfig, ReceivedPolicy};
 use crate::message::ClientInfo;
 
 /// Headers that client-side software adds and that expose the client's network.
-const CLIENT_TRACE_HEADERS: [&str; 4] = ["Received", "X-Originating-IP", "X-Forwarded-For", "X-Client-IP"];
+const CLIENT_TRACE_HEADERS: [&str; 4] = [
+    "Received",
+    "X-Originating-IP",
+    "X-Forwarded-For",
+    "X-Client-IP",
+];
 
 /// Picks the policy for one submission.
-pub fn resolve(config: &PrivacyConfig, user: Option<ReceivedPolicy>, client: IpAddr) -> ReceivedPolicy {
+pub fn resolve(
+    config: &PrivacyConfig,
+    user: Option<ReceivedPolicy>,
+    client: IpAddr,
+) -> ReceivedPolicy {
     user.or_else(|| most_specific(&config.networks, client))
         .unwrap_or(config.received)
 }
@@ -103,8 +112,14 @@ mod tests {
     fn config() -> PrivacyConfig {
         let mut c = PrivacyConfig::default();
         c.networks = vec![
-            NetworkPolicy { cidr: "10.0.0.0/8".parse().unwrap(), received: ReceivedPolicy::Keep },
-            NetworkPolicy { cidr: "10.9.0.0/16".parse().unwrap(), received: ReceivedPolicy::Strip },
+            NetworkPolicy {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                received: ReceivedPolicy::Keep,
+            },
+            NetworkPolicy {
+                cidr: "10.9.0.0/16".parse().unwrap(),
+                received: ReceivedPolicy::Strip,
+            },
         ];
         c
     }
@@ -117,11 +132,23 @@ mod tests {
             (None, "10.1.2.3", ReceivedPolicy::Keep),
             (None, "10.9.2.3", ReceivedPolicy::Strip),
             (None, "::ffff:10.1.2.3", ReceivedPolicy::Keep),
-            (Some(ReceivedPolicy::HideIp), "10.1.2.3", ReceivedPolicy::HideIp),
-            (Some(ReceivedPolicy::Keep), "192.0.2.1", ReceivedPolicy::Keep),
+            (
+                Some(ReceivedPolicy::HideIp),
+                "10.1.2.3",
+                ReceivedPolicy::HideIp,
+            ),
+            (
+                Some(ReceivedPolicy::Keep),
+                "192.0.2.1",
+                ReceivedPolicy::Keep,
+            ),
         ];
         for (user, ip, want) in table {
-            assert_eq!(resolve(&c, user, ip.parse().unwrap()), want, "{user:?} {ip}");
+            assert_eq!(
+                resolve(&c, user, ip.parse().unwrap()),
+                want,
+                "{user:?} {ip}"
+            );
         }
     }
 
@@ -129,7 +156,10 @@ mod tests {
         ClientInfo {
             address: "192.0.2.77".parse().unwrap(),
             ehlo: "[192.168.19.77]".into(),
-            tls: Some(TlsInfo { version: "TLSv1.3".into(), cipher: "TLS13_AES_256_GCM_SHA384".into() }),
+            tls: Some(TlsInfo {
+                version: "TLSv1.3".into(),
+                cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            }),
             implicit_tls: false,
         }
     }
@@ -138,7 +168,13 @@ mod tests {
     fn hide_ip_names_only_our_hop() {
         let c = client();
         let rcpts = vec!["bob@example.net".to_owned()];
-        let stamp = Stamp { hostname: "mx.example.org", queue_id: "ABC123", client: &c, recipients: &rcpts, now: 1_796_399_273 };
+        let stamp = Stamp {
+            hostname: "mx.example.org",
+            queue_id: "ABC123",
+            client: &c,
+            recipients: &rcpts,
+            now: 1_796_399_273,
+        };
         let h = received_header(ReceivedPolicy::HideIp, &stamp).unwrap();
         assert_eq!(
             h,
@@ -147,7 +183,8 @@ mod tests {
         assert!(!h.contains("192."));
         assert!(received_header(ReceivedPolicy::Strip, &stamp).is_none());
         let keep = received_header(ReceivedPolicy::Keep, &stamp).unwrap();
-        assert!(keep.starts_with("Received: from [192.168.19.77] ([192.0.2.77])\r\n\tby mx.example.org"));
+        assert!(keep
+            .starts_with("Received: from [192.168.19.77] ([192.0.2.77])\r\n\tby mx.example.org"));
         assert!(keep.contains("TLSv1.3"));
     }
 

@@ -23,14 +23,21 @@ pub enum FromError {
 /// True if `identity` may use `address` as a sender.
 pub fn may_send_as(identity: &Identity, address: &Address) -> bool {
     identity.login.same_mailbox(address)
-        || identity.allowed.iter().any(|allowed| match allowed.strip_prefix('@') {
-            Some(domain) => domain.eq_ignore_ascii_case(address.domain()),
-            None => Address::parse(allowed).is_ok_and(|a| a.same_mailbox(address)),
-        })
+        || identity
+            .allowed
+            .iter()
+            .any(|allowed| match allowed.strip_prefix('@') {
+                Some(domain) => domain.eq_ignore_ascii_case(address.domain()),
+                None => Address::parse(allowed).is_ok_and(|a| a.same_mailbox(address)),
+            })
 }
 
 /// Checks the From: field(s) of a message's header section against what the user owns.
-pub fn check_from(identity: &Identity, message: &[u8], fields: &[Field<'_>]) -> Result<(), FromError> {
+pub fn check_from(
+    identity: &Identity,
+    message: &[u8],
+    fields: &[Field<'_>],
+) -> Result<(), FromError> {
     let mut from = fields.iter().filter(|f| f.is("From"));
     let field = from.next().ok_or(FromError::Missing)?;
     if from.next().is_some() {
@@ -38,10 +45,15 @@ pub fn check_from(identity: &Identity, message: &[u8], fields: &[Field<'_>]) -> 
     }
     let raw = &message[field.range.clone()];
     // Folding whitespace is fine; any other control character is not.
-    if raw.iter().any(|&b| b < 32 && !matches!(b, b'\r' | b'\n' | b'\t') || b == 127) {
+    if raw
+        .iter()
+        .any(|&b| b < 32 && !matches!(b, b'\r' | b'\n' | b'\t') || b == 127)
+    {
         return Err(FromError::Unparsable);
     }
-    let parsed = MessageParser::new().parse_headers(raw).ok_or(FromError::Unparsable)?;
+    let parsed = MessageParser::new()
+        .parse_headers(raw)
+        .ok_or(FromError::Unparsable)?;
     let addresses = parsed.from().ok_or(FromError::Unparsable)?;
     let mut count = 0;
     for addr in addresses.iter() {
@@ -99,7 +111,11 @@ mod tests {
             ("alice@sub.alice.example", false),
         ];
         for (addr, want) in table {
-            assert_eq!(may_send_as(&alice(), &Address::parse(addr).unwrap()), want, "{addr}");
+            assert_eq!(
+                may_send_as(&alice(), &Address::parse(addr).unwrap()),
+                want,
+                "{addr}"
+            );
         }
     }
 
@@ -115,14 +131,29 @@ mod tests {
             ("From: alice@example.org\r\n", Ok(())),
             ("From: \"Alice Liddell\" <alice@example.org>\r\n", Ok(())),
             ("From: Alice (work) <alice@example.org>\r\n", Ok(())),
-            ("FROM: =?utf-8?q?Al=C3=AFce?= <alice@example.org>\r\n", Ok(())),
+            (
+                "FROM: =?utf-8?q?Al=C3=AFce?= <alice@example.org>\r\n",
+                Ok(()),
+            ),
             ("From: Alice\r\n <alice@example.org>\r\n", Ok(())),
             ("From: alice@example.org, x@alice.example\r\n", Ok(())),
-            ("From: \"alice@example.org\" <mallory@evil.example>\r\n", Err(FromError::NotOwned("mallory@evil.example".into()))),
-            ("From: alice@example.org, bob@example.org\r\n", Err(FromError::NotOwned("bob@example.org".into()))),
+            (
+                "From: \"alice@example.org\" <mallory@evil.example>\r\n",
+                Err(FromError::NotOwned("mallory@evil.example".into())),
+            ),
+            (
+                "From: alice@example.org, bob@example.org\r\n",
+                Err(FromError::NotOwned("bob@example.org".into())),
+            ),
             ("Subject: no from\r\n", Err(FromError::Missing)),
-            ("From: alice@example.org\r\nFrom: alice@example.org\r\n", Err(FromError::Multiple)),
-            ("From: Alice\x01 <alice@example.org>\r\n", Err(FromError::Unparsable)),
+            (
+                "From: alice@example.org\r\nFrom: alice@example.org\r\n",
+                Err(FromError::Multiple),
+            ),
+            (
+                "From: Alice\x01 <alice@example.org>\r\n",
+                Err(FromError::Unparsable),
+            ),
             ("From: undisclosed\r\n", Err(FromError::Unparsable)),
         ];
         for (headers, want) in table {

@@ -96,7 +96,9 @@ impl Queue {
             path: "spool writer".into(),
             source: std::io::Error::other(e),
         })??;
-        self.lock().due.insert((entry.next_attempt, entry.id.clone()));
+        self.lock()
+            .due
+            .insert((entry.next_attempt, entry.id.clone()));
         self.wake.notify_one();
         Ok(())
     }

@@ -29,7 +29,8 @@ impl RetryPolicy {
     /// last try happens at `max_age` and the bounce follows right away).
     pub fn next_attempt(&self, attempts: u32, received_at: i64, now: i64) -> i64 {
         let delay = i64::try_from(self.delay_after(attempts).as_secs()).unwrap_or(i64::MAX);
-        let expiry = received_at.saturating_add(i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX));
+        let expiry =
+            received_at.saturating_add(i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX));
         now.saturating_add(delay.max(1)).min(expiry.max(now + 1))
     }
 }

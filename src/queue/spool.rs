@@ -253,7 +253,10 @@ impl Spool {
 }
 
 /// Creates `path`, lets `fill` write it, and fsyncs it before returning.
-fn write_synced(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<(), SpoolError> {
+fn write_synced(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SpoolError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -301,15 +304,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let e = entry("ID1");
-        spool.commit(&e, &[b"Subject: x\r\n", b"\r\nbody\r\n"]).unwrap();
-        assert_eq!(spool.read_message(&e.id).unwrap(), b"Subject: x\r\n\r\nbody\r\n");
+        spool
+            .commit(&e, &[b"Subject: x\r\n", b"\r\nbody\r\n"])
+            .unwrap();
+        assert_eq!(
+            spool.read_message(&e.id).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
         let mut e2 = spool.read_entry(&e.id).unwrap();
         assert_eq!(e2, e);
         e2.attempts = 3;
         spool.write_entry(&e2).unwrap();
         assert_eq!(spool.entries().unwrap().0, vec![e2]);
         spool.remove(&e.id).unwrap();
-        assert!(matches!(spool.read_entry(&e.id), Err(SpoolError::NotFound(_))));
+        assert!(matches!(
+            spool.read_entry(&e.id),
+            Err(SpoolError::NotFound(_))
+        ));
         assert!(spool.entries().unwrap().0.is_empty());
     }
 

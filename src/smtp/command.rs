@@ -71,7 +71,10 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             "Bare CR, bare LF or NUL in command line",
         ));
     }
-    if !content.is_ascii() && !starts_with_ignore_case(content, b"MAIL") && !starts_with_ignore_case(content, b"RCPT") {
+    if !content.is_ascii()
+        && !starts_with_ignore_case(content, b"MAIL")
+        && !starts_with_ignore_case(content, b"RCPT")
+    {
         // Only SMTPUTF8 addresses may carry 8-bit octets in a command.
         return Err(Reply::new(500, (5, 5, 2), "8-bit characters in command"));
     }
@@ -113,8 +116,7 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
                 smtp_proto::AUTH_LOGIN => Some(Mechanism::Login),
                 _ => None,
             },
-            initial_response: (!initial_response.is_empty())
-                .then(|| initial_response.into_owned()),
+            initial_response: (!initial_response.is_empty()).then(|| initial_response.into_owned()),
         },
         Request::StartTls => Command::StartTls,
         Request::Rset => Command::Rset,
@@ -141,10 +143,7 @@ fn starts_with_ignore_case(line: &[u8], prefix: &[u8]) -> bool {
 /// smtp-proto silently drops source routes and accepts control characters inside quoted
 /// local parts; an MSA refuses both.
 fn check_address(address: &str, line: &[u8], enhanced: (u8, u16, u16)) -> Result<(), Reply> {
-    let routed = line
-        .windows(2)
-        .position(|w| w == b"<@")
-        .is_some();
+    let routed = line.windows(2).position(|w| w == b"<@").is_some();
     if routed {
         return Err(Reply::new(501, enhanced, "Source routes are not accepted"));
     }
@@ -157,9 +156,7 @@ fn check_address(address: &str, line: &[u8], enhanced: (u8, u16, u16)) -> Result
 fn parse_error_reply(error: &ParseError, line: &[u8]) -> Reply {
     match error {
         ParseError::UnknownCommand => Reply::new(500, (5, 5, 1), "Unknown command"),
-        ParseError::InvalidSenderAddress => {
-            Reply::new(501, (5, 1, 7), "Bad sender address syntax")
-        }
+        ParseError::InvalidSenderAddress => Reply::new(501, (5, 1, 7), "Bad sender address syntax"),
         ParseError::InvalidRecipientAddress => {
             Reply::new(501, (5, 1, 3), "Bad recipient address syntax")
         }
@@ -199,8 +196,14 @@ mod tests {
     #[test]
     fn parses_the_commands_an_msa_uses() {
         let table: &[(&str, Command)] = &[
-            ("EHLO client.example\r\n", Command::Ehlo("client.example".into())),
-            ("ehlo [192.168.1.7]\r\n", Command::Ehlo("[192.168.1.7]".into())),
+            (
+                "EHLO client.example\r\n",
+                Command::Ehlo("client.example".into()),
+            ),
+            (
+                "ehlo [192.168.1.7]\r\n",
+                Command::Ehlo("[192.168.1.7]".into()),
+            ),
             (
                 "MAIL FROM:<a@example.org> SIZE=1000\r\n",
                 Command::Mail {
@@ -222,8 +225,20 @@ mod tests {
                 },
             ),
             ("DATA\r\n", Command::Data),
-            ("BDAT 10 LAST\r\n", Command::Bdat { size: 10, last: true }),
-            ("BDAT 0\r\n", Command::Bdat { size: 0, last: false }),
+            (
+                "BDAT 10 LAST\r\n",
+                Command::Bdat {
+                    size: 10,
+                    last: true,
+                },
+            ),
+            (
+                "BDAT 0\r\n",
+                Command::Bdat {
+                    size: 0,
+                    last: false,
+                },
+            ),
             (
                 "AUTH PLAIN AGEAYg==\r\n",
                 Command::Auth {

@@ -217,7 +217,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     if self.flush().await.is_err() {
                         return false;
                     }
-                    let result = self.ctx.auth.authenticate(&credentials, self.peer.ip()).await;
+                    let result = self
+                        .ctx
+                        .auth
+                        .authenticate(&credentials, self.peer.ip())
+                        .await;
                     match &result {
                         Ok(identity) => {
                             guard.mark_authenticated();
@@ -251,7 +255,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                         self.session.chunk_received(size)
                     } else {
                         let (mut reader, mut message) = self.chunked.take().unwrap_or_else(|| {
-                            (ContentReader::chunked(self.ctx.settings.max_message_size), Vec::new())
+                            (
+                                ContentReader::chunked(self.ctx.settings.max_message_size),
+                                Vec::new(),
+                            )
                         });
                         reader.finish_chunked(&mut message);
                         self.message_complete(&reader, message).await
@@ -353,12 +360,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                 self.start = self.input.len() - keep;
             }
             self.flush().await.map_err(|_| ReadError::Closed)?;
-            self.fill(COMMAND_READ, self.ctx.timeouts.command, true).await?;
+            self.fill(COMMAND_READ, self.ctx.timeouts.command, true)
+                .await?;
         }
     }
 
     /// Reads more input, waiting at most `timeout`; on shutdown only if `interruptible`.
-    async fn fill(&mut self, want: usize, timeout: Duration, interruptible: bool) -> Result<(), ReadError> {
+    async fn fill(
+        &mut self,
+        want: usize,
+        timeout: Duration,
+        interruptible: bool,
+    ) -> Result<(), ReadError> {
         if self.start > 0 {
             self.input.drain(..self.start);
             self.start = 0;

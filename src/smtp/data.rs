@@ -192,7 +192,11 @@ mod tests {
     use super::*;
 
     /// Feeds `input` in pieces of `step` bytes, as a network would.
-    fn read(input: &[u8], step: usize, limit: usize) -> (Vec<u8>, Option<usize>, Result<(), ContentError>) {
+    fn read(
+        input: &[u8],
+        step: usize,
+        limit: usize,
+    ) -> (Vec<u8>, Option<usize>, Result<(), ContentError>) {
         let mut r = ContentReader::dot_stuffed(limit);
         let mut out = Vec::new();
         let mut offset = 0;
@@ -209,7 +213,11 @@ mod tests {
     fn unstuffs_and_finds_the_end() {
         let table: &[(&[u8], &[u8], usize)] = &[
             (b".\r\n", b"", 3),
-            (b"Subject: x\r\n\r\nbody\r\n.\r\n", b"Subject: x\r\n\r\nbody\r\n", 23),
+            (
+                b"Subject: x\r\n\r\nbody\r\n.\r\n",
+                b"Subject: x\r\n\r\nbody\r\n",
+                23,
+            ),
             (b"..leading dot\r\n.\r\n", b".leading dot\r\n", 18),
             (b"a\r\n..\r\n.\r\nQUIT\r\n", b"a\r\n.\r\n", 10),
             (b"a\r\n.b\r\n.\r\n", b"a\r\nb\r\n", 10),
@@ -244,7 +252,12 @@ mod tests {
 
     #[test]
     fn bare_endings_and_nul_refuse_the_message() {
-        for input in [&b"a\nb\r\n.\r\n"[..], b"a\rb\r\n.\r\n", b"a\0b\r\n.\r\n", b"a\r\r\n.\r\n"] {
+        for input in [
+            &b"a\nb\r\n.\r\n"[..],
+            b"a\rb\r\n.\r\n",
+            b"a\0b\r\n.\r\n",
+            b"a\r\r\n.\r\n",
+        ] {
             let (_, consumed, result) = read(input, 1024, 1 << 20);
             assert_eq!(consumed, Some(input.len()), "{input:?}");
             assert_eq!(result, Err(ContentError::BareLineEnding), "{input:?}");

@@ -109,7 +109,11 @@ pub mod replies {
         Reply::new(421, (4, 3, 0), "Server shutting down, try again later")
     }
     pub fn too_big() -> Reply {
-        Reply::new(552, (5, 3, 4), "Message size exceeds fixed maximum message size")
+        Reply::new(
+            552,
+            (5, 3, 4),
+            "Message size exceeds fixed maximum message size",
+        )
     }
     pub fn temporary_failure() -> Reply {
         Reply::new(451, (4, 3, 0), "Temporary local problem, try again later")
@@ -128,9 +132,15 @@ mod tests {
 
     #[test]
     fn formats_single_and_multi_line() {
-        assert_eq!(wire(&replies::must_starttls()), "530 5.7.0 Must issue a STARTTLS command first\r\n");
+        assert_eq!(
+            wire(&replies::must_starttls()),
+            "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
         assert_eq!(wire(&Reply::plain(220, "mx ESMTP")), "220 mx ESMTP\r\n");
-        let ehlo = Reply::multiline(250, vec!["mx".into(), "PIPELINING".into(), "SIZE 10".into()]);
+        let ehlo = Reply::multiline(
+            250,
+            vec!["mx".into(), "PIPELINING".into(), "SIZE 10".into()],
+        );
         assert_eq!(wire(&ehlo), "250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
         assert!(Reply::new(452, (4, 5, 3), "x").is_error());
         assert!(!replies::ok().is_error());

@@ -150,7 +150,11 @@ impl Session {
         matches!(
             self.phase,
             Phase::Greeted {
-                sasl: Some(SaslExchange::Plain | SaslExchange::LoginUser | SaslExchange::LoginPassword { .. }),
+                sasl: Some(
+                    SaslExchange::Plain
+                        | SaslExchange::LoginUser
+                        | SaslExchange::LoginPassword { .. }
+                ),
                 ..
             }
         )
@@ -283,9 +287,9 @@ impl Session {
         }
         match &self.phase {
             Phase::Connected => return self.refuse(replies::bad_sequence("Send EHLO first")),
-            Phase::Greeted { extended: false, .. } => {
-                return self.refuse(replies::bad_sequence("Send EHLO first"))
-            }
+            Phase::Greeted {
+                extended: false, ..
+            } => return self.refuse(replies::bad_sequence("Send EHLO first")),
             Phase::Authenticated { .. } | Phase::Transaction { .. } => {
                 return self.refuse(replies::bad_sequence("Already authenticated"))
             }
@@ -325,7 +329,9 @@ impl Session {
                 Ok(password) => self.verify(Credentials::new(login, password)),
                 Err(e) => self.sasl_failed(e),
             },
-            SaslExchange::Verifying => self.refuse(replies::bad_sequence("Authentication in progress")),
+            SaslExchange::Verifying => {
+                self.refuse(replies::bad_sequence("Authentication in progress"))
+            }
         }
     }
 
@@ -384,9 +390,7 @@ impl Session {
         }
         let identity = match &self.phase {
             Phase::Connected => return self.refuse(replies::bad_sequence("Send EHLO first")),
-            Phase::Greeted { .. } | Phase::Closed => {
-                return self.refuse(replies::auth_required())
-            }
+            Phase::Greeted { .. } | Phase::Closed => return self.refuse(replies::auth_required()),
             Phase::Transaction { .. } => {
                 return self.refuse(replies::bad_sequence("Nested MAIL command"))
             }
@@ -398,7 +402,9 @@ impl Session {
         if !address.is_empty() {
             let owned = match Address::parse(&address) {
                 Ok(parsed) => sender::may_send_as(identity, &parsed),
-                Err(_) => return self.refuse(Reply::new(501, (5, 1, 7), "Bad sender address syntax")),
+                Err(_) => {
+                    return self.refuse(Reply::new(501, (5, 1, 7), "Bad sender address syntax"))
+                }
             };
             if !owned {
                 return self.refuse(Reply::new(
@@ -637,20 +643,38 @@ mod tests {
     fn authenticated() -> Session {
         let mut s = Session::new(settings(), true);
         line(&mut s, "EHLO client");
-        assert!(matches!(line(&mut s, "AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="), Step::Verify(_)));
-        assert_eq!(reply_of(&s.auth_result(Ok(alice()))), (235, Some((2, 7, 0))));
+        assert!(matches!(
+            line(&mut s, "AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="),
+            Step::Verify(_)
+        ));
+        assert_eq!(
+            reply_of(&s.auth_result(Ok(alice()))),
+            (235, Some((2, 7, 0)))
+        );
         s
     }
 
     #[test]
     fn plaintext_session_only_offers_starttls() {
         let mut s = Session::new(settings(), false);
-        let Step::Reply(ehlo) = line(&mut s, "EHLO client") else { panic!() };
+        let Step::Reply(ehlo) = line(&mut s, "EHLO client") else {
+            panic!()
+        };
         let caps = ehlo.lines.join("\n");
         assert!(caps.contains("STARTTLS"));
         assert!(!caps.contains("AUTH"));
-        for cmd in ["AUTH PLAIN", "MAIL FROM:<alice@example.org>", "RCPT TO:<b@example.net>", "DATA", "BDAT 5 LAST"] {
-            assert_eq!(reply_of(&line(&mut s, cmd)), (530, Some((5, 7, 0))), "{cmd}");
+        for cmd in [
+            "AUTH PLAIN",
+            "MAIL FROM:<alice@example.org>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+            "BDAT 5 LAST",
+        ] {
+            assert_eq!(
+                reply_of(&line(&mut s, cmd)),
+                (530, Some((5, 7, 0))),
+                "{cmd}"
+            );
         }
         assert!(matches!(line(&mut s, "STARTTLS"), Step::StartTls(_)));
     }
@@ -658,9 +682,19 @@ mod tests {
     #[test]
     fn tls_session_advertises_the_msa_extensions() {
         let mut s = Session::new(settings(), true);
-        let Step::Reply(ehlo) = line(&mut s, "EHLO client") else { panic!() };
+        let Step::Reply(ehlo) = line(&mut s, "EHLO client") else {
+            panic!()
+        };
         let caps = ehlo.lines[1..].to_vec();
-        for want in ["PIPELINING", "SIZE 10000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "AUTH PLAIN LOGIN"] {
+        for want in [
+            "PIPELINING",
+            "SIZE 10000",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "AUTH PLAIN LOGIN",
+        ] {
             assert!(caps.iter().any(|c| c == want), "{want} in {caps:?}");
         }
         for absent in ["STARTTLS", "ETRN", "VRFY", "EXPN"] {
@@ -672,8 +706,14 @@ mod tests {
     fn mail_before_auth_is_refused_at_mail() {
         let mut s = Session::new(settings(), true);
         line(&mut s, "EHLO client");
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")), (530, Some((5, 7, 0))));
-        assert_eq!(reply_of(&line(&mut s, "RCPT TO:<b@example.net>")), (530, Some((5, 7, 0))));
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
+            (530, Some((5, 7, 0)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<b@example.net>")),
+            (530, Some((5, 7, 0)))
+        );
     }
 
     #[test]
@@ -685,7 +725,10 @@ mod tests {
             (&["AUTH CRAM-MD5"], (504, Some((5, 5, 4)))),
             (&["AUTH XFOO"], (504, Some((5, 5, 4)))),
             // authzid "bob" differs from authcid "alice@example.org"
-            (&["AUTH PLAIN Ym9iAGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="], (535, Some((5, 7, 8)))),
+            (
+                &["AUTH PLAIN Ym9iAGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="],
+                (535, Some((5, 7, 8))),
+            ),
         ];
         for (lines, want) in table {
             let mut s = Session::new(settings(), true);
@@ -706,41 +749,84 @@ mod tests {
         line(&mut s, "EHLO client");
         assert_eq!(reply_of(&line(&mut s, "AUTH LOGIN")), (334, None));
         assert!(s.expects_sasl_line());
-        assert_eq!(reply_of(&line(&mut s, "YWxpY2VAZXhhbXBsZS5vcmc=")), (334, None));
-        let Step::Verify(c) = line(&mut s, "c2VjcmV0") else { panic!() };
+        assert_eq!(
+            reply_of(&line(&mut s, "YWxpY2VAZXhhbXBsZS5vcmc=")),
+            (334, None)
+        );
+        let Step::Verify(c) = line(&mut s, "c2VjcmV0") else {
+            panic!()
+        };
         assert_eq!(c.login(), "alice@example.org");
         assert_eq!(c.password(), "secret");
-        assert_eq!(reply_of(&s.auth_result(Err(AuthFailure::InvalidCredentials))), (535, Some((5, 7, 8))));
-        assert_eq!(reply_of(&s.auth_result(Err(AuthFailure::Throttled))), (503, Some((5, 5, 1))));
+        assert_eq!(
+            reply_of(&s.auth_result(Err(AuthFailure::InvalidCredentials))),
+            (535, Some((5, 7, 8)))
+        );
+        assert_eq!(
+            reply_of(&s.auth_result(Err(AuthFailure::Throttled))),
+            (503, Some((5, 5, 1)))
+        );
     }
 
     #[test]
     fn auth_twice_and_throttled() {
         let mut s = authenticated();
-        assert_eq!(reply_of(&line(&mut s, "AUTH PLAIN AGEAYg==")), (503, Some((5, 5, 1))));
+        assert_eq!(
+            reply_of(&line(&mut s, "AUTH PLAIN AGEAYg==")),
+            (503, Some((5, 5, 1)))
+        );
         let mut t = Session::new(settings(), true);
         line(&mut t, "EHLO client");
         line(&mut t, "AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA==");
-        assert_eq!(reply_of(&t.auth_result(Err(AuthFailure::Throttled))), (454, Some((4, 7, 0))));
+        assert_eq!(
+            reply_of(&t.auth_result(Err(AuthFailure::Throttled))),
+            (454, Some((4, 7, 0)))
+        );
     }
 
     #[test]
     fn sender_ownership_and_limits() {
         let mut s = authenticated();
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<mallory@example.org>")), (550, Some((5, 7, 1))));
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<alice@example.org> SIZE=20000")), (552, Some((5, 3, 4))));
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<anyone@alice.example>")), (250, Some((2, 1, 0))));
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")), (503, Some((5, 5, 1))));
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<mallory@example.org>")),
+            (550, Some((5, 7, 1)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org> SIZE=20000")),
+            (552, Some((5, 3, 4)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<anyone@alice.example>")),
+            (250, Some((2, 1, 0)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
+            (503, Some((5, 5, 1)))
+        );
         assert_eq!(reply_of(&line(&mut s, "DATA")), (503, Some((5, 5, 1))));
-        assert_eq!(reply_of(&line(&mut s, "RCPT TO:<a@example.net>")), (250, Some((2, 1, 5))));
-        assert_eq!(reply_of(&line(&mut s, "RCPT TO:<b@example.net>")), (250, Some((2, 1, 5))));
-        assert_eq!(reply_of(&line(&mut s, "RCPT TO:<c@example.net>")), (452, Some((4, 5, 3))));
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<a@example.net>")),
+            (250, Some((2, 1, 5)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<b@example.net>")),
+            (250, Some((2, 1, 5)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<c@example.net>")),
+            (452, Some((4, 5, 3)))
+        );
         assert_eq!(reply_of(&line(&mut s, "DATA")), (354, None));
-        let Step::Submit(sub) = s.data_received(Ok(())) else { panic!() };
+        let Step::Submit(sub) = s.data_received(Ok(())) else {
+            panic!()
+        };
         assert_eq!(sub.envelope.recipients, ["a@example.net", "b@example.net"]);
         assert_eq!(sub.envelope.sender, "anyone@alice.example");
         // A null sender is allowed (read receipts).
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<>")), (250, Some((2, 1, 0))));
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<>")),
+            (250, Some((2, 1, 0)))
+        );
     }
 
     #[test]
@@ -755,7 +841,10 @@ mod tests {
             line(&mut s, "RCPT TO:<a@example.net>");
             line(&mut s, "DATA");
             assert_eq!(reply_of(&s.data_received(Err(err))), want);
-            assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")), (250, Some((2, 1, 0))));
+            assert_eq!(
+                reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
+                (250, Some((2, 1, 0)))
+            );
         }
     }
 
@@ -767,8 +856,18 @@ mod tests {
         assert_eq!(reply_of(&step), (503, Some((5, 5, 1))));
         line(&mut s, "MAIL FROM:<alice@example.org>");
         line(&mut s, "RCPT TO:<a@example.net>");
-        assert!(matches!(line(&mut s, "BDAT 3"), Step::ReceiveChunk { size: 3, last: false, first: true }));
-        assert!(matches!(line(&mut s, "BDAT 3"), Step::ReceiveChunk { first: false, .. }));
+        assert!(matches!(
+            line(&mut s, "BDAT 3"),
+            Step::ReceiveChunk {
+                size: 3,
+                last: false,
+                first: true
+            }
+        ));
+        assert!(matches!(
+            line(&mut s, "BDAT 3"),
+            Step::ReceiveChunk { first: false, .. }
+        ));
         assert_eq!(reply_of(&line(&mut s, "DATA")), (503, Some((5, 5, 1))));
     }
 
@@ -786,11 +885,20 @@ mod tests {
     #[test]
     fn misc_commands() {
         let mut s = Session::new(settings(), true);
-        assert_eq!(reply_of(&line(&mut s, "VRFY alice")), (252, Some((2, 5, 0))));
+        assert_eq!(
+            reply_of(&line(&mut s, "VRFY alice")),
+            (252, Some((2, 5, 0)))
+        );
         assert_eq!(reply_of(&line(&mut s, "EXPN list")), (502, Some((5, 5, 1))));
-        assert_eq!(reply_of(&line(&mut s, "ETRN example.org")), (502, Some((5, 5, 1))));
+        assert_eq!(
+            reply_of(&line(&mut s, "ETRN example.org")),
+            (502, Some((5, 5, 1)))
+        );
         assert_eq!(reply_of(&line(&mut s, "STARTTLS")), (503, Some((5, 5, 1))));
-        assert_eq!(reply_of(&line(&mut s, "MAIL FROM:<a@b.c>")), (503, Some((5, 5, 1))));
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<a@b.c>")),
+            (503, Some((5, 5, 1)))
+        );
         assert_eq!(reply_of(&line(&mut s, "QUIT")), (221, Some((2, 0, 0))));
         assert!(s.is_closed());
     }

@@ -10,7 +10,7 @@ pub mod users;
 
 use std::path::Path;
 
-use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::AnyPool;
 
 /// Errors of the store layer.
@@ -73,7 +73,9 @@ impl Store {
             .await?;
         if backend == Backend::Sqlite {
             // WAL lets the CLI write while the server reads; the setting is kept in the file.
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
         }
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
@@ -107,7 +109,10 @@ fn prepare_sqlite_url(url: &str) -> Result<String, StoreError> {
         .unwrap_or(url);
     let path = rest.split('?').next().unwrap_or(rest);
     if path != ":memory:" {
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.display().to_string(),
                 source,

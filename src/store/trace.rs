@@ -57,7 +57,9 @@ impl Store {
         let Some(mut record) = self.find_trace(queue_id).await? else {
             return Ok(());
         };
-        record.outcome.insert(recipient.to_owned(), outcome.to_owned());
+        record
+            .outcome
+            .insert(recipient.to_owned(), outcome.to_owned());
         sqlx::query("UPDATE submissions SET outcome = $1 WHERE queue_id = $2")
             .bind(serde_json::to_string(&record.outcome).unwrap_or_default())
             .bind(queue_id)

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use submitd::admin;
-use submitd::config::Config;
+use submitd::config::{Config, ConfigError};
 use submitd::queue::Spool;
 use submitd::server::{self, Listeners};
 use submitd::store::Store;
@@ -195,7 +195,11 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Ok(Config::load(path)?)
+    Config::load(path).map_err(|e| match e {
+        // Read and parse errors name the file already; semantic ones do not.
+        ConfigError::Invalid(reason) => anyhow::anyhow!("{}: {reason}", path.display()),
+        other => other.into(),
+    })
 }
 
 async fn open_store(path: &Path) -> anyhow::Result<Store> {
@@ -290,6 +294,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             selector,
         }) => admin::dkim::print_record(&key, &domain, &selector),
         Command::Cert(CertCommand::SelfSigned { hostname, out_dir }) => {
+            // Checked before writing anything: a new certificate next to the old key would
+            // leave a pair that does not fit together.
+            for name in ["fullchain.pem", "privkey.pem"] {
+                let path = out_dir.join(name);
+                if path.exists() {
+                    anyhow::bail!("{} already exists; not overwriting it", path.display());
+                }
+            }
             let (cert, key) = submitd::tls::write_self_signed(&hostname, &out_dir)?;
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())

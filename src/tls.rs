@@ -57,6 +57,16 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 /// Writes a self-signed certificate for `hostname` (and localhost) into `dir` as
 /// `fullchain.pem` and `privkey.pem` (mode 0600). For development only.
 pub fn write_self_signed(hostname: &str, dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    let cert_path = dir.join("fullchain.pem");
+    let key_path = dir.join("privkey.pem");
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(TlsError::Write {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+            });
+        }
+    }
     let names = vec![hostname.to_owned(), "localhost".to_owned()];
     let certified =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
@@ -64,8 +74,6 @@ pub fn write_self_signed(hostname: &str, dir: &Path) -> Result<(PathBuf, PathBuf
         path: dir.to_owned(),
         source,
     })?;
-    let cert_path = dir.join("fullchain.pem");
-    let key_path = dir.join("privkey.pem");
     std::fs::write(&cert_path, certified.cert.pem()).map_err(|source| TlsError::Write {
         path: cert_path.clone(),
         source,

@@ -165,7 +165,7 @@ pub fn generate_key(key_type: KeyType, bits: usize) -> Result<String, String> {
             Ok(pem_encode("PRIVATE KEY", doc.secret_pkcs8_der()))
         }
         KeyType::Rsa => {
-            if bits < MIN_RSA_BITS || bits > 8192 {
+            if !(MIN_RSA_BITS..=8192).contains(&bits) {
                 return Err(format!("RSA keys must have {MIN_RSA_BITS} to 8192 bits"));
             }
             let key =
@@ -204,8 +204,13 @@ pub fn dns_record(selector: &str, domain: &str, key_type: KeyType, public_key: &
 
 /// The header names to sign for a message with these fields: From twice (over-signing, so a
 /// second From cannot be added), the listed fields and `List-*` fields that are present.
+///
+/// A field in the obsolete `Name : value` form is left out: the signer takes `Name ` (with
+/// the space) for its name while RFC 6376 relaxed canonicalization says `Name`, so a signature
+/// covering it would not verify.
 pub fn signed_header_names(fields: &[Field<'_>]) -> Vec<String> {
     let mut names = vec!["From".to_owned(), "From".to_owned()];
+    let fields: Vec<&Field<'_>> = fields.iter().filter(|f| !f.obsolete).collect();
     for name in SIGNED_HEADERS {
         if fields.iter().any(|f| f.is(name)) {
             names.push(name.to_owned());
@@ -299,7 +304,7 @@ mod tests {
 
     #[test]
     fn header_list_oversigns_from_and_keeps_present_ones() {
-        let msg = b"From: a@b.c\r\nTo: x@y.z\r\nSubject: s\r\nReceived: by x\r\nList-Id: <l.example>\r\nReturn-Path: <a@b.c>\r\nX-Other: 1\r\n\r\n";
+        let msg = b"From: a@b.c\r\nTo: x@y.z\r\nSubject: s\r\nReceived: by x\r\nList-Id: <l.example>\r\nReturn-Path: <a@b.c>\r\nX-Other: 1\r\nDate : obsolete\r\n\r\n";
         let (f, _) = fields(msg);
         assert_eq!(
             signed_header_names(&f),

@@ -116,7 +116,11 @@ pub fn prepare(
     let mut names_present: Vec<Field<'_>> = kept.iter().map(|f| (*f).clone()).collect();
     for name in ["Message-ID", "Date"] {
         if added.contains(&format!("{name}: ")) {
-            names_present.push(Field { name, range: 0..0 });
+            names_present.push(Field {
+                name,
+                range: 0..0,
+                obsolete: false,
+            });
         }
     }
     let signed_headers = signed_header_names(&names_present);
@@ -129,7 +133,18 @@ pub fn prepare(
         message.push_original(range);
     }
     message.push_added(added.into_bytes());
-    message.push_original(header_end..total);
+    if headers::rest_needs_separator(message.original(), header_end) {
+        // The header section ended at a line that is not a field. Every reader must see the
+        // same split as the scrubbing above, the added fields and the DKIM body hash did, so
+        // the blank line is made explicit: what follows is body, not more header fields.
+        // The signer finds the body in the part holding the blank line, so the two travel
+        // together (a copy, for malformed messages only).
+        let mut rest = b"\r\n".to_vec();
+        rest.extend_from_slice(&message.original()[header_end..total]);
+        message.push_added(rest);
+    } else {
+        message.push_original(header_end..total);
+    }
     Ok(Prepared {
         message,
         from_domain,
@@ -311,6 +326,46 @@ mod tests {
         assert_eq!(
             stripped,
             "From: alice@example.org\r\nDate: x\r\nMessage-ID: <a@b>\r\n\r\nb\r\n"
+        );
+    }
+
+    #[test]
+    fn header_section_is_what_every_reader_sees() {
+        // Obsolete `Name : value` fields are fields: scrubbed, and counted as present.
+        let msg = "From: alice@example.org\r\nSubject : old\r\nX-Originating-IP : [192.168.19.77]\r\nMessage-ID : <a@b>\r\nDate: x\r\n\r\nb\r\n";
+        let out = run(msg, None).unwrap();
+        assert!(!out.contains("192.168"), "{out}");
+        assert_eq!(out.matches("Message-ID").count(), 1, "{out}");
+        assert!(out.ends_with("Subject : old\r\nMessage-ID : <a@b>\r\nDate: x\r\n\r\nb\r\n"));
+        // A line that is not a field ends the header section; the blank line is made
+        // explicit so what follows cannot be read as header fields further on.
+        let msg = "From: alice@example.org\r\nSubject: s\r\nno colon here\r\nX-Originating-IP: [192.168.19.77]\r\nFrom: mallory@evil.example\r\n\r\nb\r\n";
+        let out = run(msg, None).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(
+            !head.contains("192.168") && !head.contains("mallory"),
+            "{out}"
+        );
+        assert!(head.ends_with("Subject: s\r\nMessage-ID: <00000000000000000000000000000007@mx.example.org>\r\nDate: Fri, 4 Dec 2026 15:47:53 +0000"), "{out}");
+        assert!(
+            body.starts_with("no colon here\r\nX-Originating-IP"),
+            "{out}"
+        );
+        // No body at all needs no separator.
+        let out = run(
+            "From: alice@example.org\r\nDate: x\r\nMessage-ID: <a@b>\r\n",
+            None,
+        )
+        .unwrap();
+        assert!(out.ends_with("From: alice@example.org\r\nDate: x\r\nMessage-ID: <a@b>\r\n"));
+        // A second From in the obsolete form is refused, not passed on.
+        assert_eq!(
+            run(
+                "From: alice@example.org\r\nFrom : mallory@evil.example\r\n\r\nb\r\n",
+                None
+            )
+            .unwrap_err(),
+            FromError::Multiple
         );
     }
 

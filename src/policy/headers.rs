@@ -13,6 +13,9 @@ use std::ops::Range;
 pub struct Field<'a> {
     pub name: &'a str,
     pub range: Range<usize>,
+    /// Written in the obsolete syntax with white space before the colon (`Subject : x`,
+    /// RFC 5322 §4.5): a field all the same, but not every parser agrees on its name.
+    pub obsolete: bool,
 }
 
 impl Field<'_> {
@@ -23,7 +26,8 @@ impl Field<'_> {
 }
 
 /// Splits a message into its header fields and the offset where the rest (the blank line
-/// and the body) begins.
+/// and the body) begins. A line that is neither a field nor a continuation ends the header
+/// section there, as if a blank line preceded it; `rest_needs_separator` tells the two apart.
 pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
     let mut fields: Vec<Field<'_>> = Vec::new();
     let mut pos = 0;
@@ -41,7 +45,13 @@ pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
             let Some(colon) = memchr::memchr(b':', line) else {
                 break;
             };
-            let name = &line[..colon];
+            let raw_name = &line[..colon];
+            // obs-optional: the name may be followed by white space before the colon.
+            let name_len = raw_name
+                .iter()
+                .rposition(|&b| !matches!(b, b' ' | b'\t'))
+                .map_or(0, |i| i + 1);
+            let name = &raw_name[..name_len];
             let valid =
                 !name.is_empty() && name.iter().all(|&b| (33..=126).contains(&b) && b != b':');
             let Ok(name) = std::str::from_utf8(name) else {
@@ -53,6 +63,7 @@ pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
             fields.push(Field {
                 name,
                 range: pos..line_end,
+                obsolete: name_len < raw_name.len(),
             });
         }
         pos = line_end;
@@ -60,9 +71,44 @@ pub fn fields(message: &[u8]) -> (Vec<Field<'_>>, usize) {
     (fields, pos)
 }
 
+/// True if the header section of `message` ended at a line that is not a field rather than
+/// at a blank line (or the end of the message): the body then needs a separator in front.
+pub fn rest_needs_separator(message: &[u8], header_end: usize) -> bool {
+    let rest = message.get(header_end..).unwrap_or_default();
+    !(rest.is_empty() || rest.starts_with(b"\r\n") || rest.starts_with(b"\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn obsolete_names_and_non_field_lines() {
+        let msg =
+            b"From: a@b.c\r\nSubject \t: old style\r\nX-Originating-IP : [192.0.2.1]\r\n\r\nb\r\n";
+        let (f, end) = fields(msg);
+        let names: Vec<_> = f.iter().map(|f| (f.name, f.obsolete)).collect();
+        assert_eq!(
+            names,
+            [
+                ("From", false),
+                ("Subject", true),
+                ("X-Originating-IP", true)
+            ]
+        );
+        assert_eq!(&msg[f[1].range.clone()], b"Subject \t: old style\r\n");
+        assert!(!rest_needs_separator(msg, end));
+
+        let msg = b"From: a@b.c\r\nnot a field\r\nX-Y: z\r\n\r\nb\r\n";
+        let (f, end) = fields(msg);
+        assert_eq!(f.len(), 1);
+        assert!(rest_needs_separator(msg, end));
+        // An empty name is no name.
+        let (f, end) = fields(b"From: a@b.c\r\n: x\r\n");
+        assert_eq!((f.len(), end), (1, 13));
+        assert!(!rest_needs_separator(b"From: a\r\n", 9));
+        assert!(!rest_needs_separator(b"From: a\n\nb", 8));
+    }
 
     #[test]
     fn finds_fields_and_folding() {

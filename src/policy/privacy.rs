@@ -110,18 +110,19 @@ mod tests {
     use crate::message::TlsInfo;
 
     fn config() -> PrivacyConfig {
-        let mut c = PrivacyConfig::default();
-        c.networks = vec![
-            NetworkPolicy {
-                cidr: "10.0.0.0/8".parse().unwrap(),
-                received: ReceivedPolicy::Keep,
-            },
-            NetworkPolicy {
-                cidr: "10.9.0.0/16".parse().unwrap(),
-                received: ReceivedPolicy::Strip,
-            },
-        ];
-        c
+        PrivacyConfig {
+            networks: vec![
+                NetworkPolicy {
+                    cidr: "10.0.0.0/8".parse().unwrap(),
+                    received: ReceivedPolicy::Keep,
+                },
+                NetworkPolicy {
+                    cidr: "10.9.0.0/16".parse().unwrap(),
+                    received: ReceivedPolicy::Strip,
+                },
+            ],
+            ..PrivacyConfig::default()
+        }
     }
 
     #[test]
@@ -200,7 +201,11 @@ mod tests {
             ("Received", ReceivedPolicy::Keep, false),
             ("Subject", ReceivedPolicy::HideIp, false),
         ] {
-            let f = Field { name, range: 0..0 };
+            let f = Field {
+                name,
+                range: 0..0,
+                obsolete: false,
+            };
             assert_eq!(must_remove(&f, policy, &extra), want, "{name} {policy:?}");
         }
     }

@@ -43,6 +43,11 @@ pub fn check_from(
     if from.next().is_some() {
         return Err(FromError::Multiple);
     }
+    if field.obsolete {
+        // `From : x`: our DKIM signer would not recognise the field as From, so the signature
+        // could not cover it. Clients must not generate this form (RFC 5322 §4).
+        return Err(FromError::Unparsable);
+    }
     let raw = &message[field.range.clone()];
     // Folding whitespace is fine; any other control character is not.
     if raw
@@ -155,6 +160,16 @@ mod tests {
                 Err(FromError::Unparsable),
             ),
             ("From: undisclosed\r\n", Err(FromError::Unparsable)),
+            ("From : alice@example.org\r\n", Err(FromError::Unparsable)),
+            // A second From in the obsolete form is still a second From.
+            (
+                "From: alice@example.org\r\nFrom : mallory@evil.example\r\n",
+                Err(FromError::Multiple),
+            ),
+            (
+                "From: alice@example.org\r\nfrom\t: mallory@evil.example\r\n",
+                Err(FromError::Multiple),
+            ),
         ];
         for (headers, want) in table {
             assert_eq!(&check(headers), want, "{headers:?}");

@@ -124,9 +124,15 @@ mod tests {
         STANDARD.encode(s).into_bytes()
     }
 
+    /// Raw PLAIN message and the expected (login, password) or error.
+    type PlainCase = (
+        &'static [u8],
+        Result<(&'static str, &'static str), SaslError>,
+    );
+
     #[test]
     fn plain_table() {
-        let table: &[(&[u8], Result<(&str, &str), SaslError>)] = &[
+        let table: &[PlainCase] = &[
             (
                 b"\0alice@example.org\0secret",
                 Ok(("alice@example.org", "secret")),

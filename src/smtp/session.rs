@@ -264,10 +264,15 @@ impl Session {
         let mut wire = Vec::new();
         // Writing into a Vec cannot fail.
         let _ = ehlo.write(&mut wire);
-        let lines = String::from_utf8_lossy(&wire)
-            .split("\r\n")
-            .filter(|l| l.len() > 4)
-            .map(|l| Cow::Owned(l[4..].to_owned()))
+        // smtp-proto's first line carries a joke after the hostname; ours is the name alone.
+        let lines = std::iter::once(Cow::Owned(self.settings.hostname.clone()))
+            .chain(
+                String::from_utf8_lossy(&wire)
+                    .split("\r\n")
+                    .skip(1)
+                    .filter(|l| l.len() > 4)
+                    .map(|l| Cow::Owned(l[4..].to_owned())),
+            )
             .collect();
         Reply::multiline(250, lines)
     }
@@ -685,6 +690,7 @@ mod tests {
         let Step::Reply(ehlo) = line(&mut s, "EHLO client") else {
             panic!()
         };
+        assert_eq!(ehlo.lines[0], "mx.example.org");
         let caps = ehlo.lines[1..].to_vec();
         for want in [
             "PIPELINING",
@@ -716,9 +722,12 @@ mod tests {
         );
     }
 
+    /// Lines sent and the expected reply code and enhanced code of the last one.
+    type Exchange = (&'static [&'static str], (u16, Option<(u8, u16, u16)>));
+
     #[test]
     fn sasl_edge_cases() {
-        let table: &[(&[&str], (u16, Option<(u8, u16, u16)>))] = &[
+        let table: &[Exchange] = &[
             (&["AUTH PLAIN", "*"], (501, Some((5, 0, 0)))),
             (&["AUTH LOGIN", "*"], (501, Some((5, 0, 0)))),
             (&["AUTH PLAIN !!!notbase64"], (501, Some((5, 5, 2)))),

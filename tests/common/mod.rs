@@ -39,6 +39,20 @@ pub struct TestServer {
 
 /// The config text every test server starts from; `extra` is appended (sections only).
 pub fn base_config(dir: &Path, extra: &str) -> String {
+    tuned_config(dir, &Tuning::default(), extra)
+}
+
+/// Keys added inside the base config's own `[auth]` and `[timeouts]` sections, one
+/// `key = value` per line (not `failure_delay` or `shutdown_grace`, which the base sets).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tuning<'a> {
+    pub auth: &'a str,
+    pub timeouts: &'a str,
+}
+
+/// The base config with `tuning` inside its sections and `extra` appended (sections only).
+pub fn tuned_config(dir: &Path, tuning: &Tuning<'_>, extra: &str) -> String {
+    let Tuning { auth, timeouts } = tuning;
     format!(
         r#"hostname = "{HOSTNAME}"
 node = "test"
@@ -63,9 +77,11 @@ workers = 2
 
 [auth]
 failure_delay = "0s"
+{auth}
 
 [timeouts]
 shutdown_grace = "5s"
+{timeouts}
 {extra}
 "#,
         dir = dir.display()
@@ -84,13 +100,25 @@ impl TestServer {
         Self::start_in(dir, extra).await
     }
 
+    /// Starts a server with keys added to the base `[auth]`/`[timeouts]` sections and extra
+    /// sections appended.
+    pub async fn start_tuned(tuning: Tuning<'_>, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in_tuned(dir, tuning, extra).await
+    }
+
     /// Starts a server in an existing directory (to restart over the same spool and database).
     pub async fn start_in(dir: TempDir, extra: &str) -> Self {
+        Self::start_in_tuned(dir, Tuning::default(), extra).await
+    }
+
+    /// [`TestServer::start_in`] with [`Tuning`].
+    pub async fn start_in_tuned(dir: TempDir, tuning: Tuning<'_>, extra: &str) -> Self {
         let certs = dir.path().join("certs");
         if !certs.join("fullchain.pem").exists() {
             submitd::tls::write_self_signed(HOSTNAME, &certs).unwrap();
         }
-        let text = base_config(dir.path(), extra);
+        let text = tuned_config(dir.path(), &tuning, extra);
         let config_path = dir.path().join("submitd.toml");
         std::fs::write(&config_path, &text).unwrap();
         let config = Config::from_toml(&text).unwrap();
@@ -370,6 +398,11 @@ impl Client {
     /// STARTTLS and the handshake (certificate verified against the test certificate).
     pub async fn starttls(&mut self) {
         self.cmd("STARTTLS", "220 2.0.0").await;
+        self.upgrade_tls().await;
+    }
+
+    /// The client side of the TLS handshake on a plain stream whose 220 has been read.
+    pub async fn upgrade_tls(&mut self) {
         assert!(self.buf.is_empty(), "no bytes after the 220");
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
             panic!("already TLS");

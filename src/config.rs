@@ -332,6 +332,9 @@ pub struct AuthConfig {
     /// Password hashes verified at once; each argon2id run holds about 19 MiB.
     #[serde(default = "default_verify_concurrency")]
     pub verify_concurrency: usize,
+    /// How long a successful verification is remembered (see `auth::cache`); 0 turns it off.
+    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -342,6 +345,7 @@ impl Default for AuthConfig {
             lockout: default_lockout(),
             failure_delay: default_failure_delay(),
             verify_concurrency: default_verify_concurrency(),
+            cache_ttl: default_cache_ttl(),
         }
     }
 }
@@ -561,6 +565,9 @@ fn default_failure_delay() -> Duration {
 }
 fn default_verify_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_true() -> bool {
     true

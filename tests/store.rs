@@ -1,44 +1,15 @@
 //! Every store operation, against SQLite and (when `SUBMITD_TEST_POSTGRES` names a server)
 //! PostgreSQL, each in a fresh database.
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
-use sqlx::Connection;
+use common::postgres::{drop_postgres, fresh_postgres};
+
 use submitd::config::ReceivedPolicy;
 use submitd::store::trace::TraceRecord;
 use submitd::store::{Backend, Store, StoreError};
-
-/// A fresh PostgreSQL database on the server `SUBMITD_TEST_POSTGRES` points at, or `None`
-/// (with a note on stderr) when the variable is unset.
-pub async fn fresh_postgres() -> Option<String> {
-    let Ok(url) = std::env::var("SUBMITD_TEST_POSTGRES") else {
-        eprintln!("SUBMITD_TEST_POSTGRES is not set: PostgreSQL tests skipped");
-        return None;
-    };
-    sqlx::any::install_default_drivers();
-    let name = format!("submitd_test_{:016x}", rand::random::<u64>());
-    let mut admin = sqlx::AnyConnection::connect(&url)
-        .await
-        .expect("PostgreSQL reachable");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    Some(format!("{base}/{name}"))
-}
-
-/// Drops a database made by [`fresh_postgres`].
-pub async fn drop_postgres(url: &str) {
-    let (base, name) = url.rsplit_once('/').unwrap();
-    let mut admin = sqlx::AnyConnection::connect(&format!("{base}/postgres"))
-        .await
-        .unwrap();
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-        .execute(&mut admin)
-        .await;
-}
 
 async fn exercise(store: &Store) {
     // Users.

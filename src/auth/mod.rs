@@ -4,22 +4,24 @@
 //! runs on the blocking pool behind a semaphore: a flood of AUTH commands queues up instead of
 //! exhausting memory or stalling the reactor.
 
+pub mod cache;
 pub mod sasl;
 pub mod throttle;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use tokio::sync::Semaphore;
 
-use crate::message::{Address, Identity};
+use crate::message::{unix_seconds, Address, Identity};
 use crate::store::Store;
+use cache::VerifiedCache;
 use sasl::Credentials;
-use throttle::{Throttle, ThrottleSettings};
+use throttle::{Slowdown, ThrottleSettings};
 
 /// Why a login did not succeed, as far as the client may know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +64,9 @@ pub fn normalize_login(login: &str) -> Option<String> {
 #[derive(Debug)]
 pub struct Authenticator {
     store: Store,
-    throttle: Throttle,
+    throttle: ThrottleSettings,
+    slowdown: Slowdown,
+    cache: VerifiedCache,
     verifications: Semaphore,
     failure_delay: Duration,
     /// Verified against for unknown users, so that their answer takes as long as a real one.
@@ -74,11 +78,13 @@ impl Authenticator {
     pub fn new(store: Store, settings: &crate::config::AuthConfig) -> Arc<Self> {
         Arc::new(Self {
             store,
-            throttle: Throttle::new(ThrottleSettings {
+            throttle: ThrottleSettings {
                 max_failures_per_ip: settings.max_failures_per_ip,
                 max_failures_per_account: settings.max_failures_per_account,
                 lockout: settings.lockout,
-            }),
+            },
+            slowdown: Slowdown::new(settings.lockout),
+            cache: VerifiedCache::new(settings.cache_ttl),
             verifications: Semaphore::new(settings.verify_concurrency),
             failure_delay: settings.failure_delay,
             decoy_hash: hash_password("decoy password for unknown users").unwrap_or_default(),
@@ -92,28 +98,51 @@ impl Authenticator {
         ip: IpAddr,
     ) -> Result<Identity, AuthFailure> {
         let Some(login) = normalize_login(credentials.login()) else {
-            return self.fail(credentials.login(), ip).await;
+            return self.fail(credentials.login(), ip, None).await;
         };
-        if self.throttle.is_throttled(&login, ip, Instant::now()) {
+        let now = unix_seconds(SystemTime::now());
+        let window = i64::try_from(self.throttle.lockout.as_secs()).unwrap_or(i64::MAX);
+        let counts = self
+            .store
+            .auth_failure_counts(&login, &ip.to_string(), now.saturating_sub(window))
+            .await
+            .map_err(unavailable)?;
+        if self.throttle.is_locked(counts) {
             tracing::warn!(%ip, user = %login, "authentication throttled");
             return Err(AuthFailure::Throttled);
         }
-        let user = self.store.find_user(&login).await.map_err(|e| {
-            tracing::error!(error = %e, "user lookup failed");
-            AuthFailure::Unavailable
-        })?;
-        let hash = user
-            .as_ref()
-            .map_or(self.decoy_hash.clone(), |u| u.password_hash.clone());
-        let verified = self.verify(credentials.password().to_owned(), hash).await?;
-        let Some(user) = user.filter(|u| verified && !u.disabled) else {
-            return self.fail(&login, ip).await;
+        let user = self.store.find_user(&login).await.map_err(unavailable)?;
+        let password = credentials.password();
+        let cached = user.as_ref().is_some_and(|u| {
+            !u.disabled
+                && self
+                    .cache
+                    .matches(u.id, &u.password_hash, password, Instant::now())
+        });
+        let verified = cached || {
+            let hash = user
+                .as_ref()
+                .map_or(self.decoy_hash.clone(), |u| u.password_hash.clone());
+            self.verify(password.to_owned(), hash).await?
         };
-        self.throttle.record_success(&login, ip);
-        let allowed = self.store.allowed_senders(user.id).await.map_err(|e| {
-            tracing::error!(error = %e, "allowed sender lookup failed");
-            AuthFailure::Unavailable
-        })?;
+        let Some(user) = user.filter(|u| verified && !u.disabled) else {
+            return self.fail(&login, ip, Some(now)).await;
+        };
+        if !cached {
+            self.cache
+                .remember(user.id, &user.password_hash, password, Instant::now());
+        }
+        if counts.from_ip > 0 {
+            self.store
+                .clear_auth_failures(&login, &ip.to_string())
+                .await
+                .map_err(unavailable)?;
+        }
+        let allowed = self
+            .store
+            .allowed_senders(user.id)
+            .await
+            .map_err(unavailable)?;
         let Some(address) = Address::parse(&user.email).ok() else {
             return Err(AuthFailure::InvalidCredentials);
         };
@@ -136,14 +165,38 @@ impl Authenticator {
             .map_err(|_| AuthFailure::Unavailable)
     }
 
-    /// Counts the failure and slows the answer down as failures from this address pile up.
-    async fn fail(&self, login: &str, ip: IpAddr) -> Result<Identity, AuthFailure> {
-        let recent = self.throttle.record_failure(login, ip, Instant::now());
+    /// Counts the failure (in the database, for every node) and slows the answer down as
+    /// failures from this address pile up.
+    async fn fail(
+        &self,
+        login: &str,
+        ip: IpAddr,
+        now: Option<i64>,
+    ) -> Result<Identity, AuthFailure> {
+        if let Some(now) = now {
+            self.store
+                .record_auth_failure(login, &ip.to_string(), now)
+                .await
+                .map_err(unavailable)?;
+        }
+        let recent = self.slowdown.record(ip, Instant::now());
         tracing::warn!(%ip, user = %login, recent, "authentication failed");
-        let delay = self.failure_delay * recent.min(5);
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(self.failure_delay * recent.min(5)).await;
         Err(AuthFailure::InvalidCredentials)
     }
+
+    /// Drops failure records older than the lockout window; returns how many went.
+    pub async fn prune_failures(&self) -> Result<u64, crate::store::StoreError> {
+        let window = i64::try_from(self.throttle.lockout.as_secs()).unwrap_or(i64::MAX);
+        self.store
+            .prune_auth_failures(unix_seconds(SystemTime::now()).saturating_sub(window))
+            .await
+    }
+}
+
+fn unavailable(e: crate::store::StoreError) -> AuthFailure {
+    tracing::error!(error = %e, "authentication store unavailable");
+    AuthFailure::Unavailable
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! both share (BIGINT, TEXT). Each backend has its own migrations, applied at start by
 //! whichever process (server or CLI) opens the database first.
 
+pub mod auth_failures;
 pub mod trace;
 pub mod users;
 

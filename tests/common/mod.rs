@@ -2,6 +2,7 @@
 //! and a line-level SMTP client over real TCP and TLS.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod sink;
 
 use std::net::SocketAddr;
@@ -48,14 +49,29 @@ pub fn base_config(dir: &Path, extra: &str) -> String {
 pub struct Tuning<'a> {
     pub auth: &'a str,
     pub timeouts: &'a str,
+    /// Database URL instead of the temp SQLite file (empty: SQLite).
+    pub database: &'a str,
+    /// Node name instead of "test" (empty: "test").
+    pub node: &'a str,
 }
 
 /// The base config with `tuning` inside its sections and `extra` appended (sections only).
 pub fn tuned_config(dir: &Path, tuning: &Tuning<'_>, extra: &str) -> String {
-    let Tuning { auth, timeouts } = tuning;
+    let Tuning {
+        auth,
+        timeouts,
+        database,
+        node,
+    } = tuning;
+    let node = if node.is_empty() { "test" } else { node };
+    let database = if database.is_empty() {
+        format!("sqlite://{}/data/submitd.db", dir.display())
+    } else {
+        database.to_string()
+    };
     format!(
         r#"hostname = "{HOSTNAME}"
-node = "test"
+node = "{node}"
 
 [listen]
 submission = ["127.0.0.1:0"]
@@ -66,7 +82,7 @@ cert = "{dir}/certs/fullchain.pem"
 key = "{dir}/certs/privkey.pem"
 
 [database]
-url = "sqlite://{dir}/data/submitd.db"
+url = "{database}"
 
 [queue]
 dir = "{dir}/data/queue"

@@ -63,7 +63,10 @@ pub fn write_self_signed(hostname: &str, dir: &Path) -> Result<(PathBuf, PathBuf
         if path.exists() {
             return Err(TlsError::Write {
                 path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "refusing to overwrite",
+                ),
             });
         }
     }

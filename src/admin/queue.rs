@@ -119,12 +119,22 @@ pub fn show(spool: &Spool, text: &str) -> anyhow::Result<()> {
 /// `queue retry ID|--all`: due now; a running server picks it up within a second.
 pub fn retry(spool: &Spool, target: Option<&str>, all: bool) -> anyhow::Result<()> {
     let now = unix_seconds(SystemTime::now());
-    let entries = match (target, all) {
-        (Some(text), false) => vec![spool.read_entry(&id(text)?)?],
-        (None, true) => spool.entries()?.0,
+    let ids = match (target, all) {
+        (Some(text), false) => vec![id(text)?],
+        (None, true) => spool.entries()?.0.into_iter().map(|e| e.id).collect(),
         _ => bail!("give a queue id or --all"),
     };
-    for mut entry in entries {
+    let single = target.is_some();
+    for id in ids {
+        // Read and rewritten under the exclusive lock, so that a delivery attempt finishing
+        // meanwhile is neither undone nor brought back from the dead.
+        let _lock = spool.lock(true)?;
+        let mut entry = match spool.read_entry(&id) {
+            Ok(e) => e,
+            // Delivered or deleted since the listing.
+            Err(SpoolError::NotFound(_)) if !single => continue,
+            Err(e) => return Err(e.into()),
+        };
         entry.next_attempt = now;
         spool.write_entry(&entry)?;
         println!("{} due now", entry.id);
@@ -136,6 +146,7 @@ pub fn retry(spool: &Spool, target: Option<&str>, all: bool) -> anyhow::Result<(
 /// `queue delete ID`.
 pub fn delete(spool: &Spool, text: &str) -> anyhow::Result<()> {
     let id = id(text)?;
+    let _lock = spool.lock(true)?;
     match spool.remove(&id) {
         Ok(()) => {
             println!("deleted {id}");

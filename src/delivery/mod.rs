@@ -20,7 +20,7 @@ use crate::message::{unix_seconds, Assembled, QueueId};
 use crate::queue::{Entry, Queue, Recipient, RecipientStatus};
 use crate::store::Store;
 use bounce::DsnContext;
-use relay::{RcptOutcome, Relay, RelayConnection};
+use relay::{RcptOutcome, Relay, RelayConnection, RelayError};
 
 /// What the workers share.
 #[derive(Debug)]
@@ -186,7 +186,8 @@ impl Delivery {
     }
 
     /// Sends over the kept connection, opening one if needed; any connection-level failure
-    /// defers every recipient.
+    /// defers every recipient. A kept connection the smart host closed while it was idle is
+    /// replaced once, at once: nothing had been sent on it.
     async fn send(
         &self,
         entry: &Entry,
@@ -202,26 +203,37 @@ impl Delivery {
                 c.quit().await;
             }
         }
-        if connection.is_none() {
-            let pause = self.queue.retry().first_retry.min(Duration::from_secs(60));
-            match self.relay.connect(pause).await {
-                Ok(c) => *connection = Some(c),
-                Err(e) => {
-                    warn!(queue_id = %entry.id, error = %e, "smart host unavailable");
-                    let text = format!("451 4.4.1 {e}");
-                    return vec![RcptOutcome::Deferred(text); pending.len()];
+        let mut reused = connection.is_some();
+        loop {
+            if connection.is_none() {
+                let pause = self.queue.retry().first_retry.min(Duration::from_secs(60));
+                match self.relay.connect(pause).await {
+                    Ok(c) => *connection = Some(c),
+                    Err(e) => {
+                        warn!(queue_id = %entry.id, error = %e, "smart host unavailable");
+                        let text = format!("451 4.4.1 {e}");
+                        return vec![RcptOutcome::Deferred(text); pending.len()];
+                    }
                 }
             }
-        }
-        let Some(conn) = connection.as_mut() else {
-            return vec![RcptOutcome::Deferred("451 4.4.1 no connection".into()); pending.len()];
-        };
-        match conn.send(&entry.sender, pending, message).await {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                warn!(queue_id = %entry.id, error = %e, "relay connection failed");
-                *connection = None;
-                vec![RcptOutcome::Deferred(format!("451 4.4.2 {e}")); pending.len()]
+            let Some(conn) = connection.as_mut() else {
+                return vec![
+                    RcptOutcome::Deferred("451 4.4.1 no connection".into());
+                    pending.len()
+                ];
+            };
+            match conn.send(&entry.sender, pending, message).await {
+                Ok(outcomes) => return outcomes,
+                Err(e @ RelayError::Closed(_)) if reused => {
+                    info!(queue_id = %entry.id, error = %e, "kept relay connection was closed; reconnecting");
+                    *connection = None;
+                    reused = false;
+                }
+                Err(e) => {
+                    warn!(queue_id = %entry.id, error = %e, "relay connection failed");
+                    *connection = None;
+                    return vec![RcptOutcome::Deferred(format!("451 4.4.2 {e}")); pending.len()];
+                }
             }
         }
     }

@@ -35,6 +35,10 @@ pub enum RelayError {
     Auth(String),
     #[error("connection to the smart host broke: {0}")]
     Broken(String),
+    /// A kept connection failed at MAIL, before anything of the message was sent: the smart
+    /// host closed it while it sat idle. A fresh connection may be tried at once.
+    #[error("kept connection to the smart host was closed: {0}")]
+    Closed(String),
 }
 
 /// The result for one recipient of one attempt.
@@ -209,7 +213,10 @@ impl RelayConnection {
         };
         match self.conn.command(Mail::new(from, params)).await {
             Ok(_) => {}
-            Err(e) => return self.all_refused(&e, recipients.len()).await,
+            Err(e) if e.is_permanent() || e.is_transient() => {
+                return self.all_refused(&e, recipients.len()).await
+            }
+            Err(e) => return Err(RelayError::Closed(describe(&e))),
         }
 
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; recipients.len()];

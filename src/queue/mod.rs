@@ -138,32 +138,31 @@ impl Queue {
     }
 
     /// Stores the outcome of an attempt: removes a finished message, or writes its entry and
-    /// schedules the next attempt.
+    /// schedules the next attempt. A message deleted (`queue delete`) during the attempt
+    /// stays deleted.
     pub async fn finish(&self, entry: Entry) -> Result<(), SpoolError> {
         let spool = self.spool.clone();
         let id = entry.id.clone();
         let next = entry.next_attempt;
         let done = entry.is_done();
-        let result = tokio::task::spawn_blocking(move || {
-            if done {
-                spool.remove(&entry.id)
-            } else {
-                spool.write_entry(&entry)
-            }
-        })
-        .await
-        .map_err(|e| SpoolError::Io {
-            path: "spool writer".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let result = tokio::task::spawn_blocking(move || spool.settle(&entry, done))
+            .await
+            .map_err(|e| SpoolError::Io {
+                path: "spool writer".into(),
+                source: std::io::Error::other(e),
+            })?;
+        let deleted = matches!(result, Ok(false));
+        if deleted {
+            tracing::info!(queue_id = %id, "message was deleted from the queue during its attempt");
+        }
         let mut schedule = self.lock();
         schedule.busy.remove(&id);
-        if !done {
+        if !done && !deleted {
             schedule.due.insert((next, id));
         }
         drop(schedule);
         self.wake.notify_one();
-        result
+        result.map(|_| ())
     }
 
     /// Gives a claimed message back untouched (shutdown before the attempt started).

@@ -166,6 +166,54 @@ impl Spool {
         sync_dir(&self.dir.join("entries"))
     }
 
+    /// Takes the spool lock, held until the returned file is dropped: shared for the
+    /// server's results of delivery attempts, exclusive for the operator's changes
+    /// (`queue retry`, `queue delete`). So an operator's change and an attempt's result never
+    /// interleave: a message deleted during an attempt is not written back by it, and a
+    /// message removed after delivery is not written back by a retry.
+    pub fn lock(&self, exclusive: bool) -> Result<File, SpoolError> {
+        let path = self.dir.join("lock");
+        // Read-only when it exists (flock needs no write access), so a lock file that
+        // `queue` run as root created does not lock the server out.
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        }
+        .map_err(io_err(&path))?;
+        Ok(file)
+    }
+
+    /// Stores the result of a delivery attempt under the shared lock: removes a finished
+    /// message, or replaces the entry of one still queued. `Ok(false)` when the message was
+    /// deleted meanwhile, in which case nothing is written.
+    pub fn settle(&self, entry: &Entry, done: bool) -> Result<bool, SpoolError> {
+        let _lock = self.lock(false)?;
+        if done {
+            return match self.remove(&entry.id) {
+                Ok(()) => Ok(true),
+                Err(SpoolError::NotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+        let path = self.entry_path(&entry.id);
+        if !path.try_exists().map_err(io_err(&path))? {
+            return Ok(false);
+        }
+        self.write_entry(entry)?;
+        Ok(true)
+    }
+
     /// Reads one entry.
     pub fn read_entry(&self, id: &QueueId) -> Result<Entry, SpoolError> {
         let path = self.entry_path(id);
@@ -321,6 +369,26 @@ mod tests {
             spool.read_entry(&e.id),
             Err(SpoolError::NotFound(_))
         ));
+        assert!(spool.entries().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn settle_does_not_bring_back_a_deleted_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut e = entry("GONE");
+        spool.commit(&e, &[b"x\r\n"]).unwrap();
+        e.attempts = 1;
+        assert!(spool.settle(&e, false).unwrap());
+        assert_eq!(spool.read_entry(&e.id).unwrap().attempts, 1);
+        // `queue delete` while the attempt was in flight.
+        {
+            let _lock = spool.lock(true).unwrap();
+            spool.remove(&e.id).unwrap();
+        }
+        e.attempts = 2;
+        assert!(!spool.settle(&e, false).unwrap());
+        assert!(!spool.settle(&e, true).unwrap());
         assert!(spool.entries().unwrap().0.is_empty());
     }
 

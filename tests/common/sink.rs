@@ -71,14 +71,34 @@ impl Default for TestPki {
     }
 }
 
+/// One command line as the sink received it (CRLF removed).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub line: String,
+    /// True if it came over TLS.
+    pub tls: bool,
+}
+
 #[derive(Default)]
 struct State {
     messages: Vec<Captured>,
     /// Replies to RCPT TO per recipient address, used in order; default 250.
     rcpt_script: HashMap<String, VecDeque<String>>,
+    /// Replies to RCPT TO per recipient once its script is used up (e.g. always 451).
+    rcpt_always: HashMap<String, String>,
     /// Replies after the final dot, used in order; default 250.
     data_script: VecDeque<String>,
     connections: usize,
+    /// Every command line, in order, across sessions.
+    commands: Vec<Seen>,
+    /// STARTTLS handshakes that failed (e.g. the client did not trust our certificate).
+    tls_failures: usize,
+    /// Open sessions, aborted by [`Sink::stop`].
+    sessions: Vec<tokio::task::AbortHandle>,
+    /// While set, the reply after the final dot waits for a permit (see [`Sink::hold_data`]).
+    data_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Sessions waiting at the gate now.
+    held: usize,
 }
 
 /// Sink settings.
@@ -127,9 +147,22 @@ impl Sink {
         Self::serve(listener, options, Arc::default(), Arc::new(Notify::new()))
     }
 
-    /// Binds the given address (to come back after [`Sink::stop`] on the same port).
+    /// Binds the given address (to come back after [`Sink::stop`] on the same port); waits
+    /// up to 5 s for a just-stopped listener on it to be gone.
     pub async fn start_on(addr: SocketAddr, options: SinkOptions) -> Self {
-        let listener = TcpListener::bind(addr).await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("sink cannot bind {addr}: {e}"),
+            }
+        };
         Self::serve(listener, options, Arc::default(), Arc::new(Notify::new()))
     }
 
@@ -146,8 +179,11 @@ impl Sink {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                s.lock().unwrap().connections += 1;
-                tokio::spawn(session(tcp, o.clone(), Arc::clone(&s), Arc::clone(&a)));
+                let handle = tokio::spawn(session(tcp, o.clone(), Arc::clone(&s), Arc::clone(&a)));
+                let mut state = s.lock().unwrap();
+                state.connections += 1;
+                state.sessions.retain(|h| !h.is_finished());
+                state.sessions.push(handle.abort_handle());
             }
         });
         Self {
@@ -159,9 +195,68 @@ impl Sink {
         }
     }
 
-    /// Stops listening (open sessions are dropped too).
+    /// Stops listening and drops the open sessions (a smart host that went away).
     pub fn stop(&self) {
         self.task.abort();
+        for h in self.state.lock().unwrap().sessions.drain(..) {
+            h.abort();
+        }
+    }
+
+    /// [`Sink::stop`], then waits until the port is closed for sure.
+    pub async fn stop_wait(&self) {
+        self.stop();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !self.task.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(self.task.is_finished(), "sink stopped");
+    }
+
+    /// Scripts the reply to RCPT TO for `rcpt` for every attempt after the scripted ones.
+    pub fn script_rcpt_always(&self, rcpt: &str, reply: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .rcpt_always
+            .insert(rcpt.to_owned(), reply.to_owned());
+    }
+
+    /// From now on the reply after the final dot waits until [`Sink::release_data`] (the
+    /// smart host is slow: a delivery attempt stays in flight).
+    pub fn hold_data(&self) {
+        self.state.lock().unwrap().data_gate = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// Lets every held and future reply after the final dot go.
+    pub fn release_data(&self) {
+        if let Some(gate) = self.state.lock().unwrap().data_gate.take() {
+            gate.close();
+        }
+    }
+
+    /// How many sessions have sent their message and wait for the reply now.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held
+    }
+
+    /// Every command line received so far.
+    pub fn commands(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().commands.clone()
+    }
+
+    /// Command lines starting with `prefix` (case-insensitive).
+    pub fn commands_starting(&self, prefix: &str) -> Vec<Seen> {
+        let prefix = prefix.to_ascii_uppercase();
+        self.commands()
+            .into_iter()
+            .filter(|c| c.line.to_ascii_uppercase().starts_with(&prefix))
+            .collect()
+    }
+
+    /// STARTTLS handshakes that failed.
+    pub fn tls_failures(&self) -> usize {
+        self.state.lock().unwrap().tls_failures
     }
 
     /// Scripts the replies to RCPT TO for `rcpt`, one per attempt (e.g. `"451 4.3.0 later"`).
@@ -207,6 +302,12 @@ impl Sink {
         } else {
             "none"
         };
+        self.relay_config_tls(tls, extra)
+    }
+
+    /// The `[relay]` section pointing at this sink with `tls` as given
+    /// (`"none"`, `"starttls"`, `"implicit"`).
+    pub fn relay_config_tls(&self, tls: &str, extra: &str) -> String {
         format!(
             "[relay]\nhost = \"localhost\"\nport = {}\ntls = \"{tls}\"\ntimeout = \"10s\"\n{extra}\n",
             self.addr.port()
@@ -240,6 +341,10 @@ async fn session(
         let Some(line) = read_line(&mut stream, &mut buf).await else {
             return;
         };
+        state.lock().unwrap().commands.push(Seen {
+            line: String::from_utf8_lossy(line.strip_suffix(b"\r\n").unwrap_or(&line)).into_owned(),
+            tls,
+        });
         let parsed = Request::parse(&mut line.iter()).map(|r| r.into_owned());
         let reply: String = match parsed {
             Ok(Request::Ehlo { .. }) => {
@@ -271,7 +376,10 @@ async fn session(
                         buf.clear();
                         continue;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        state.lock().unwrap().tls_failures += 1;
+                        return;
+                    }
                 }
             }
             Ok(Request::Auth {
@@ -333,12 +441,13 @@ async fn session(
                 }
             }
             Ok(Request::Rcpt { to }) => {
-                let scripted = state
-                    .lock()
-                    .unwrap()
-                    .rcpt_script
-                    .get_mut(&to.address)
-                    .and_then(|q| q.pop_front());
+                let scripted = {
+                    let mut st = state.lock().unwrap();
+                    st.rcpt_script
+                        .get_mut(&to.address)
+                        .and_then(|q| q.pop_front())
+                        .or_else(|| st.rcpt_always.get(&to.address).cloned())
+                };
                 let reply = scripted.unwrap_or_else(|| "250 2.1.5 ok".into());
                 if reply.starts_with('2') {
                     rcpts.push(to.address);
@@ -353,6 +462,13 @@ async fn session(
                     let Some(data) = read_data(&mut stream, &mut buf).await else {
                         return;
                     };
+                    let gate = state.lock().unwrap().data_gate.clone();
+                    if let Some(gate) = gate {
+                        state.lock().unwrap().held += 1;
+                        // Never given permits: waits until `release_data` closes the gate.
+                        let _ = gate.acquire().await;
+                        state.lock().unwrap().held -= 1;
+                    }
                     let scripted = state.lock().unwrap().data_script.pop_front();
                     let reply = scripted.unwrap_or_else(|| "250 2.0.0 queued in sink".into());
                     if reply.starts_with('2') {

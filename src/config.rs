@@ -71,6 +71,9 @@ pub struct ListenConfig {
     /// Port 465 style: TLS from the first byte (RFC 8314).
     #[serde(default = "default_submissions")]
     pub submissions: Vec<SocketAddr>,
+    /// Prometheus endpoint (`/metrics`); off unless set.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -78,6 +81,7 @@ impl Default for ListenConfig {
         Self {
             submission: default_submission(),
             submissions: default_submissions(),
+            metrics: None,
         }
     }
 }

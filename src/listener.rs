@@ -182,6 +182,11 @@ pub async fn run(
             }
             Err(cap) => {
                 warn!(client = %peer.ip(), port = kind.name(), reason = %cap, "connection refused");
+                crate::metrics::connection_refused(match cap {
+                    CapExceeded::Total => "total",
+                    CapExceeded::PerIp => "per_ip",
+                    CapExceeded::Unauthenticated => "unauthenticated",
+                });
                 if kind == ListenerKind::Submission {
                     tracker.spawn(async move {
                         let reply = format!(

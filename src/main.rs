@@ -2,15 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio_util::sync::CancellationToken;
 
 use submitd::admin;
 use submitd::config::{Config, ConfigError};
 use submitd::queue::Spool;
-use submitd::server::{self, Listeners};
+use submitd::server::{self, Controls, Listeners};
 use submitd::store::Store;
 
 /// A mail submission server (RFC 6409).
@@ -324,25 +324,30 @@ async fn serve(config_path: &Path, dev_cert: bool) -> anyhow::Result<()> {
         tracing::warn!(cert = %cert.display(), "generated a self-signed development certificate");
     }
     let listeners = Listeners::bind(&config).await?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signal.cancel();
-    });
-    server::run(config, listeners, shutdown).await?;
+    let controls = Controls {
+        config_path: Some(config_path.to_owned()),
+        ..Controls::default()
+    };
+    handle_signals(&controls)?;
+    server::run(config, listeners, controls).await?;
     Ok(())
 }
 
-/// SIGTERM or SIGINT.
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT shut down gracefully; SIGHUP reloads.
+fn handle_signals(controls: &Controls) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (shutdown, reload) = (controls.shutdown.clone(), Arc::clone(&controls.reload));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hup.recv() => reload.notify_one(),
+            }
+        }
+        shutdown.cancel();
+    });
+    Ok(())
 }

@@ -141,6 +141,13 @@ impl QueueId {
         ok.then(|| Self(s.to_ascii_uppercase()))
     }
 
+    /// When the id was generated (milliseconds since the epoch), from its first 11 digits.
+    pub fn created_millis(&self) -> Option<i64> {
+        self.0
+            .get(..11)
+            .and_then(|hex| i64::from_str_radix(hex, 16).ok())
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -195,6 +202,7 @@ mod tests {
         let b = QueueId::generate("node1", t1);
         assert!(a < b);
         assert!(a.as_str().ends_with("NODE1"));
+        assert_eq!(a.created_millis(), Some(1_800_000_000_000));
         assert_eq!(QueueId::parse(a.as_str()), Some(a.clone()));
         assert_eq!(QueueId::parse("../etc/passwd"), None);
         assert_eq!(QueueId::parse(""), None);

@@ -7,12 +7,13 @@ use std::time::SystemTime;
 use rand::Rng;
 
 use crate::config::PrivacyConfig;
-use crate::dkim::{signed_header_names, DkimError, Signer};
+use crate::dkim::{signed_header_names, DkimError};
 use crate::message::{unix_seconds, Assembled, ClientInfo, QueueId};
 use crate::policy::headers::{self, Field};
 use crate::policy::privacy::{self, Stamp};
 use crate::policy::sender::{self, FromError};
 use crate::queue::{Entry, Queue, Recipient, RecipientStatus, SpoolError};
+use crate::reload::{Reloadable, SubmitPolicy};
 use crate::smtp::reply::{replies, Reply};
 use crate::smtp::session::Submission;
 use crate::store::trace::TraceRecord;
@@ -157,16 +158,22 @@ pub fn prepare(
 pub struct Pipeline {
     pub hostname: String,
     pub node: String,
-    pub privacy: PrivacyConfig,
-    pub signer: Arc<Signer>,
+    /// Privacy settings and DKIM keys; SIGHUP replaces them.
+    pub policy: Reloadable<SubmitPolicy>,
     pub queue: Arc<Queue>,
     pub store: Store,
 }
 
 impl Pipeline {
+    /// The current policy; a session takes it when it starts and keeps it.
+    pub fn policy(&self) -> Arc<SubmitPolicy> {
+        self.policy.get()
+    }
+
     /// Takes a complete message; returns its queue id once it is durably queued.
     pub async fn submit(
         &self,
+        policy: &Arc<SubmitPolicy>,
         submission: &Submission,
         client: &ClientInfo,
         data: Vec<u8>,
@@ -175,14 +182,14 @@ impl Pipeline {
         let id = QueueId::generate(&self.node, now);
         let ctx = PrepareContext {
             hostname: &self.hostname,
-            privacy: &self.privacy,
+            privacy: &policy.privacy,
             queue_id: &id,
             client,
             now: unix_seconds(now),
             random: rand::thread_rng().gen(),
         };
         let prepared = prepare(submission, data, &ctx)?;
-        let message = self.sign(prepared).await?;
+        let message = sign(policy, prepared).await?;
 
         let tls = client
             .tls
@@ -227,29 +234,29 @@ impl Pipeline {
         self.queue.enqueue(entry, message).await?;
         Ok(id)
     }
+}
 
-    /// Adds the DKIM signatures, off the reactor when there is a key to sign with (an RSA
-    /// signature costs about a millisecond of CPU).
-    async fn sign(&self, prepared: Prepared) -> Result<Assembled, SubmitError> {
-        let Prepared {
-            mut message,
-            from_domain,
-            signed_headers,
-        } = prepared;
-        let Some(domain) = from_domain.filter(|d| self.signer.signs_for(d)) else {
-            return Ok(message);
-        };
-        let signer = Arc::clone(&self.signer);
-        tokio::task::spawn_blocking(move || {
-            let signatures = signer.sign(&domain, &message.slices(), &signed_headers)?;
-            for header in signatures.into_iter().rev() {
-                message.prepend(header.into_bytes());
-            }
-            Ok(message)
-        })
-        .await
-        .map_err(|_| SubmitError::Task)?
-    }
+/// Adds the DKIM signatures, off the reactor when there is a key to sign with (an RSA
+/// signature costs about a millisecond of CPU).
+async fn sign(policy: &Arc<SubmitPolicy>, prepared: Prepared) -> Result<Assembled, SubmitError> {
+    let Prepared {
+        mut message,
+        from_domain,
+        signed_headers,
+    } = prepared;
+    let Some(domain) = from_domain.filter(|d| policy.signer.signs_for(d)) else {
+        return Ok(message);
+    };
+    let signer = Arc::clone(&policy.signer);
+    tokio::task::spawn_blocking(move || {
+        let signatures = signer.sign(&domain, &message.slices(), &signed_headers)?;
+        for header in signatures.into_iter().rev() {
+            message.prepend(header.into_bytes());
+        }
+        Ok(message)
+    })
+    .await
+    .map_err(|_| SubmitError::Task)?
 }
 
 #[cfg(test)]

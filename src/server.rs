@@ -5,10 +5,12 @@
 //! `421 4.3.0`, workers finish the attempt in hand and stop taking new ones; whatever is still
 //! running at the grace deadline is abandoned (queued messages stay queued).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -21,6 +23,7 @@ use crate::dkim::{DkimError, Signer};
 use crate::listener::{self, Caps, ConnectionLimits, ListenerKind};
 use crate::pipeline::Pipeline;
 use crate::queue::{Queue, RetryPolicy, SpoolError};
+use crate::reload::{self, Reloadable, SubmitPolicy};
 use crate::smtp::connection::ConnectionContext;
 use crate::smtp::session::SessionSettings;
 use crate::store::{Store, StoreError};
@@ -51,6 +54,19 @@ pub enum ServerError {
 pub struct Listeners {
     pub submission: Vec<TcpListener>,
     pub submissions: Vec<TcpListener>,
+    /// The Prometheus endpoint, if `[listen] metrics` is set.
+    pub metrics: Option<TcpListener>,
+}
+
+/// How the outside world steers a running server.
+#[derive(Debug, Clone, Default)]
+pub struct Controls {
+    /// Cancel to shut down gracefully.
+    pub shutdown: CancellationToken,
+    /// Notify to reload certificates, DKIM keys and privacy settings from `config_path`.
+    pub reload: Arc<Notify>,
+    /// The file a reload reads; without it, reloads are refused.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Listeners {
@@ -71,16 +87,27 @@ impl Listeners {
                 out.push(l);
             }
         }
+        if let Some(addr) = config.listen.metrics {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            listeners.metrics = Some(l);
+        }
         Ok(listeners)
     }
 }
 
-/// Runs the server until `shutdown` is cancelled, then shuts down gracefully.
+/// Runs the server until `controls.shutdown` is cancelled, then shuts down gracefully.
 pub async fn run(
     config: Config,
     listeners: Listeners,
-    shutdown: CancellationToken,
+    controls: Controls,
 ) -> Result<(), ServerError> {
+    let shutdown = controls.shutdown.clone();
+    crate::metrics::install();
     for w in config.warnings() {
         warn!("{w}");
     }
@@ -104,8 +131,10 @@ pub async fn run(
     let pipeline = Arc::new(Pipeline {
         hostname: config.hostname.clone(),
         node: node.clone(),
-        privacy: config.privacy.clone(),
-        signer,
+        policy: Reloadable::new(Arc::new(SubmitPolicy {
+            privacy: config.privacy.clone(),
+            signer,
+        })),
         queue: Arc::clone(&queue),
         store: store.clone(),
     });
@@ -116,7 +145,7 @@ pub async fn run(
             max_recipients: config.limits.max_recipients,
             max_errors: config.limits.max_errors,
         }),
-        tls,
+        tls: Reloadable::new(tls),
         auth,
         pipeline,
         timeouts: config.timeouts.clone(),
@@ -161,14 +190,38 @@ pub async fn run(
         }
     }
     workers.spawn(watch_wakeup(Arc::clone(&queue), shutdown.clone()));
-    workers.spawn(prune_traces(
+    workers.spawn(prune(
         store.clone(),
+        Arc::clone(&ctx.auth),
         config.privacy.trace_retention,
         shutdown.clone(),
     ));
+    if let Some(l) = listeners.metrics {
+        if let Ok(addr) = l.local_addr() {
+            info!(%addr, "metrics endpoint");
+        }
+        workers.spawn(crate::metrics::serve(
+            l,
+            Arc::clone(&queue),
+            shutdown.clone(),
+        ));
+    }
 
     info!(hostname = %config.hostname, "submitd running");
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = controls.reload.notified() => match &controls.config_path {
+                Some(path) => {
+                    let problems = reload::reload(path, &ctx.tls, &ctx.pipeline.policy);
+                    if problems.is_empty() {
+                        info!(config = %path.display(), "reloaded");
+                    }
+                }
+                None => warn!("reload requested, but the server was started without a config file"),
+            },
+        }
+    }
     info!("shutting down");
     sessions.close();
     workers.close();
@@ -207,8 +260,13 @@ async fn watch_wakeup(queue: Arc<Queue>, stop: CancellationToken) {
     }
 }
 
-/// Deletes trace records past their retention, hourly.
-async fn prune_traces(store: Store, retention: Duration, stop: CancellationToken) {
+/// Deletes trace records past their retention and stale login failures, hourly.
+async fn prune(
+    store: Store,
+    auth: Arc<Authenticator>,
+    retention: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {
@@ -219,6 +277,9 @@ async fn prune_traces(store: Store, retention: Duration, stop: CancellationToken
             Ok(0) => {}
             Ok(n) => info!(records = n, "pruned old trace records"),
             Err(e) => warn!(error = %e, "trace pruning failed"),
+        }
+        if let Err(e) = auth.prune_failures().await {
+            warn!(error = %e, "login failure pruning failed");
         }
     }
 }

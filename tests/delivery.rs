@@ -4,19 +4,19 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::{free_addr, Daemon};
 use common::sink::{server_tls, Captured, Sink, SinkOptions, TestPki};
 use common::*;
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::Value;
 use submitd::config::Config;
-use submitd::server::{self, Listeners};
+use submitd::server::{self, Controls, Listeners};
 use submitd::store::Store;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const ALICE: &str = "alice@example.org";
 const BOB: &str = "bob@example.net";
@@ -230,7 +230,7 @@ struct Custom {
     cert_pem: Vec<u8>,
     config_path: PathBuf,
     queue_dir: PathBuf,
-    shutdown: CancellationToken,
+    shutdown: tokio_util::sync::CancellationToken,
     _dir: TempDir,
 }
 
@@ -244,15 +244,17 @@ impl Custom {
         let submission = TcpListener::bind(any).await.unwrap();
         let submissions = TcpListener::bind(any).await.unwrap();
         let addr = submission.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
+        let controls = Controls::default();
+        let shutdown = controls.shutdown.clone();
         let queue_dir = config.queue.dir.clone();
         tokio::spawn(server::run(
             config,
             Listeners {
                 submission: vec![submission],
                 submissions: vec![submissions],
+                metrics: None,
             },
-            shutdown.clone(),
+            controls,
         ));
         Self {
             submission: addr,
@@ -275,14 +277,6 @@ impl Drop for Custom {
     }
 }
 
-/// A free loopback port (bound and released).
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// The address of a smart host that is down, and the `[relay]` section pointing at it.
 async fn dead_sink() -> (SocketAddr, String) {
     let sink = Sink::start().await;
@@ -290,100 +284,6 @@ async fn dead_sink() -> (SocketAddr, String) {
     let relay = sink.relay_config("");
     sink.stop_wait().await;
     (addr, relay)
-}
-
-/// `submitd serve` as a child process.
-struct Daemon {
-    child: Option<Child>,
-    log_path: PathBuf,
-}
-
-impl Daemon {
-    /// Starts the binary and waits until it accepts connections.
-    async fn start(config_path: &Path, submission: SocketAddr, log_path: &Path) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_submitd"))
-            .arg("--config")
-            .arg(config_path)
-            .arg("serve")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn submitd serve");
-        let mut daemon = Self {
-            child: Some(child),
-            log_path: log_path.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("submitd exited early with {status}\n{}", daemon.log());
-            }
-            if tokio::net::TcpStream::connect(submission).await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "submitd did not listen on {submission}\n{}",
-                daemon.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// SIGKILL, and reap.
-    fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// SIGTERM; waits up to `secs` for the exit and returns the status and how long it took.
-    async fn terminate(&mut self, secs: u64) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = started + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return (status, started.elapsed());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "submitd still running {secs}s after SIGTERM\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// The header section and the body (from the blank line on) of a message.

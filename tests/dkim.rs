@@ -626,8 +626,11 @@ async fn weak_rsa_key_stops_the_server_naming_the_file() {
 
     // In process: server::run returns the error instead of serving.
     let config = submitd::config::Config::from_toml(&text).unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let run = submitd::server::run(config, submitd::server::Listeners::default(), shutdown);
+    let run = submitd::server::run(
+        config,
+        submitd::server::Listeners::default(),
+        submitd::server::Controls::default(),
+    );
     let err = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the server refuses to start instead of running")

@@ -109,6 +109,14 @@ impl Delivery {
             );
             r.status = status;
             r.last_reply = Some(reply.clone());
+            crate::metrics::delivery(
+                match status {
+                    RecipientStatus::Delivered => "delivered",
+                    RecipientStatus::Failed => "failed",
+                    RecipientStatus::Pending => "deferred",
+                },
+                started.elapsed(),
+            );
             match status {
                 RecipientStatus::Failed => newly_failed.push(address.clone()),
                 RecipientStatus::Pending => deferred_reply = Some(reply.clone()),
@@ -280,6 +288,7 @@ impl Delivery {
         assembled.push_original(0..len);
         match self.queue.enqueue(bounce_entry, assembled).await {
             Ok(()) => {
+                crate::metrics::bounce();
                 info!(queue_id = %entry.id, bounce_id = %id, to = %entry.sender, "bounce queued")
             }
             Err(e) => error!(queue_id = %entry.id, error = %e, "cannot queue bounce"),

@@ -172,9 +172,20 @@ impl Queue {
         schedule.due.insert((entry.next_attempt, entry.id.clone()));
     }
 
-    /// Messages in the queue, and the receive time of the oldest.
+    /// Messages in the queue, and the receive time (seconds) of the oldest. Queue ids start
+    /// with their creation time, so the oldest message is the smallest id.
     pub fn stats(&self) -> (usize, Option<i64>) {
         let schedule = self.lock();
-        (schedule.due.len() + schedule.busy.len(), None)
+        let oldest = schedule
+            .due
+            .iter()
+            .map(|(_, id)| id)
+            .chain(schedule.busy.iter())
+            .min()
+            .and_then(QueueId::created_millis);
+        (
+            schedule.due.len() + schedule.busy.len(),
+            oldest.map(|ms| ms / 1000),
+        )
     }
 }

@@ -14,14 +14,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::command::{is_auth_line, MAX_AUTH_LINE, MAX_COMMAND_LINE};
-use super::data::ContentReader;
+use super::data::{ContentError, ContentReader};
 use super::reply::{replies, Reply};
 use super::session::{Session, SessionSettings, Step, Submission};
-use crate::auth::Authenticator;
+use crate::auth::{AuthFailure, Authenticator};
 use crate::config::TimeoutsConfig;
 use crate::listener::{ConnectionGuard, ListenerKind};
 use crate::message::{ClientInfo, TlsInfo};
-use crate::pipeline::Pipeline;
+use crate::metrics;
+use crate::pipeline::{Pipeline, SubmitError};
+use crate::policy::sender::FromError;
+use crate::reload::{Reloadable, SubmitPolicy};
 
 /// Read size while waiting for commands; small so idle sessions stay small.
 const COMMAND_READ: usize = 1024;
@@ -32,7 +35,8 @@ const DATA_READ: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct ConnectionContext {
     pub settings: Arc<SessionSettings>,
-    pub tls: Arc<ServerConfig>,
+    /// The server certificate; SIGHUP replaces it, each connection keeps the one it began with.
+    pub tls: Reloadable<ServerConfig>,
     pub auth: Arc<Authenticator>,
     pub pipeline: Arc<Pipeline>,
     pub timeouts: TimeoutsConfig,
@@ -64,10 +68,13 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
     info!(client = %peer.ip(), port = kind.name(), "connected");
-    let acceptor = TlsAcceptor::from(Arc::clone(&ctx.tls));
+    let acceptor = TlsAcceptor::from(ctx.tls.get());
+    let policy = ctx.pipeline.policy();
+    metrics::connection_opened(kind.name());
+    let _open = OpenConnection(kind);
     let implicit = kind == ListenerKind::Submissions;
     if !implicit {
-        let mut conn = Connection::new(&mut stream, peer, &ctx, None, false);
+        let mut conn = Connection::new(&mut stream, peer, &ctx, &policy, None, false);
         match conn.run(&mut guard).await {
             SessionEnd::Closed => {
                 info!(client = %peer.ip(), secs = started.elapsed().as_secs(), "closed");
@@ -81,10 +88,12 @@ pub async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(client = %peer.ip(), error = %e, "TLS handshake failed");
+            metrics::tls_handshake_failed();
             return;
         }
         Err(_) => {
             warn!(client = %peer.ip(), "TLS handshake timed out");
+            metrics::tls_handshake_failed();
             return;
         }
     };
@@ -102,10 +111,19 @@ pub async fn serve(
             .to_owned(),
     };
     debug!(client = %peer.ip(), version = %tls.version, cipher = %tls.cipher, "TLS established");
-    let mut conn = Connection::new(&mut tls_stream, peer, &ctx, Some(tls), implicit);
+    let mut conn = Connection::new(&mut tls_stream, peer, &ctx, &policy, Some(tls), implicit);
     conn.run(&mut guard).await;
     let _ = tls_stream.shutdown().await;
     info!(client = %peer.ip(), secs = started.elapsed().as_secs(), "closed");
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection(ListenerKind);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::connection_closed(self.0.name());
+    }
 }
 
 /// One session's worth of I/O state on one stream.
@@ -113,6 +131,8 @@ struct Connection<'a, S> {
     stream: &'a mut S,
     peer: SocketAddr,
     ctx: &'a ConnectionContext,
+    /// The submission policy as it was when the connection began.
+    policy: &'a Arc<SubmitPolicy>,
     session: Session,
     tls: Option<TlsInfo>,
     implicit_tls: bool,
@@ -130,6 +150,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         stream: &'a mut S,
         peer: SocketAddr,
         ctx: &'a ConnectionContext,
+        policy: &'a Arc<SubmitPolicy>,
         tls: Option<TlsInfo>,
         implicit_tls: bool,
     ) -> Self {
@@ -137,6 +158,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             stream,
             peer,
             ctx,
+            policy,
             session: Session::new(Arc::clone(&ctx.settings), tls.is_some()),
             tls,
             implicit_tls,
@@ -226,9 +248,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                         Ok(identity) => {
                             guard.mark_authenticated();
                             self.login = Some(identity.login.to_string());
+                            metrics::auth("ok");
                             info!(client = %self.peer.ip(), user = %identity.login, "authenticated");
                         }
                         Err(e) => {
+                            metrics::auth(match e {
+                                AuthFailure::InvalidCredentials => "failed",
+                                AuthFailure::Throttled => "throttled",
+                                AuthFailure::Unavailable => "unavailable",
+                            });
                             info!(client = %self.peer.ip(), user = %credentials.login(), reason = %e, "authentication refused")
                         }
                     }
@@ -292,6 +320,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
 
     /// Reports the end of message content; submits the message when the session accepts it.
     async fn message_complete(&mut self, reader: &ContentReader, message: Vec<u8>) -> Step {
+        if let Err(e) = reader.result() {
+            metrics::message_refused(match e {
+                ContentError::TooBig => "size",
+                ContentError::BareLineEnding => "smuggling",
+                ContentError::LineTooLong => "line_length",
+            });
+        }
         match self.session.data_received(reader.result()) {
             Step::Submit(submission) => self.submit(&submission, message).await,
             other => other,
@@ -311,9 +346,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         };
         let size = message.len();
         let started = Instant::now();
-        let result = self.ctx.pipeline.submit(submission, &client, message).await;
+        let result = self
+            .ctx
+            .pipeline
+            .submit(self.policy, submission, &client, message)
+            .await;
         match &result {
-            Ok(id) => info!(
+            Ok(id) => {
+                metrics::message_accepted(size, started.elapsed());
+                info!(
                 queue_id = %id,
                 client = %self.peer.ip(),
                 user = %submission.identity.login,
@@ -321,13 +362,21 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                 recipients = submission.envelope.recipients.len(),
                 ms = started.elapsed().as_millis() as u64,
                 "message accepted"
-            ),
-            Err(e) => warn!(
-                client = %self.peer.ip(),
-                user = %submission.identity.login,
-                error = %e,
-                "message refused"
-            ),
+                )
+            }
+            Err(e) => {
+                metrics::message_refused(match e {
+                    SubmitError::From(FromError::NotOwned(_)) => "sender_mismatch",
+                    SubmitError::From(_) => "policy",
+                    _ => "temporary",
+                });
+                warn!(
+                    client = %self.peer.ip(),
+                    user = %submission.identity.login,
+                    error = %e,
+                    "message refused"
+                )
+            }
         }
         self.session.submitted(result.map_err(|e| e.reply()))
     }

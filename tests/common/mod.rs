@@ -2,6 +2,7 @@
 //! and a line-level SMTP client over real TCP and TLS.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod postgres;
 pub mod sink;
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use submitd::config::Config;
-use submitd::server::{self, Listeners, ServerError};
+use submitd::server::{self, Controls, Listeners, ServerError};
 use submitd::store::Store;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,7 +35,10 @@ pub struct TestServer {
     pub config: Config,
     pub store: Store,
     pub cert_pem: Vec<u8>,
+    /// The Prometheus endpoint.
+    pub metrics: SocketAddr,
     shutdown: CancellationToken,
+    reload: Arc<tokio::sync::Notify>,
     handle: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
@@ -145,12 +149,20 @@ impl TestServer {
             submission.local_addr().unwrap(),
             submissions.local_addr().unwrap(),
         );
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
         let listeners = Listeners {
             submission: vec![submission],
             submissions: vec![submissions],
+            metrics: Some(metrics),
         };
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(server::run(config.clone(), listeners, shutdown.clone()));
+        let controls = Controls {
+            config_path: Some(config_path.clone()),
+            ..Controls::default()
+        };
+        let shutdown = controls.shutdown.clone();
+        let reload = Arc::clone(&controls.reload);
+        let handle = tokio::spawn(server::run(config.clone(), listeners, controls));
         let cert_pem = std::fs::read(certs.join("fullchain.pem")).unwrap();
         Self {
             submission: addrs.0,
@@ -160,9 +172,29 @@ impl TestServer {
             config,
             store,
             cert_pem,
+            metrics: metrics_addr,
             shutdown,
+            reload,
             handle: Some(handle),
         }
+    }
+
+    /// Asks the server to reload its config file, as SIGHUP does.
+    pub fn reload(&self) {
+        self.reload.notify_one();
+    }
+
+    /// Fetches the Prometheus metrics text.
+    pub async fn scrape(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
     }
 
     /// Adds a user with [`PASSWORD`].
@@ -325,6 +357,19 @@ impl Client {
             stream: Stream::Tls(Box::new(tls)),
             buf: Vec::new(),
             cert_pem: cert_pem.to_vec(),
+        }
+    }
+
+    /// The server certificate (DER) of a TLS session.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match &self.stream {
+            Stream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            _ => None,
         }
     }
 

@@ -397,75 +397,13 @@ fn tls_connector(args: &Args) -> Result<TlsConnector, String> {
 
 // ------------------------------------------------------------------ messages
 
-const WORDS: &[&str] = &[
-    "the",
-    "meeting",
-    "agenda",
-    "for",
-    "tomorrow",
-    "is",
-    "attached",
-    "please",
-    "review",
-    "and",
-    "send",
-    "comments",
-    "before",
-    "noon",
-    "we",
-    "will",
-    "discuss",
-    "budget",
-    "travel",
-    "plans",
-    "quarterly",
-    "report",
-    "numbers",
-    "look",
-    "good",
-    "but",
-    "a",
-    "few",
-    "items",
-    "need",
-    "clarification",
-    "regarding",
-    "invoice",
-    "shipment",
-    "schedule",
-    "thanks",
-    "again",
-    "with",
-    "best",
-    "regards",
-    "project",
-    "update",
-    "deadline",
-    "moved",
-    "to",
-    "next",
-    "week",
-    "of",
-    "conference",
-    "hotel",
-    "network",
-    "was",
-    "slow",
-    "so",
-    "I",
-    "am",
-    "sending",
-    "this",
-    "from",
-    "my",
-    "phone",
-    "server",
-    "configuration",
-    "changes",
-    "deployed",
-    "yesterday",
-    "evening",
-];
+const WORDS: &str =
+    "the meeting agenda for tomorrow is attached please review and send comments before \
+     noon we will discuss budget travel plans quarterly report numbers look good but a \
+     few items need clarification regarding invoice shipment schedule thanks again with \
+     best regards project update deadline moved to next week of conference hotel network \
+     was slow so I am sending this from my phone server configuration changes deployed \
+     yesterday evening";
 
 /// Lines that start with a dot, the ones dot-stuffing exists for.
 const DOT_LINES: &[&str] = &[
@@ -480,6 +418,7 @@ const DOT_LINES: &[&str] = &[
 /// lines starting with '.'; not yet dot-stuffed.
 fn generate_body(size: usize, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
     let mut body = Vec::with_capacity(size + 80);
     let mut line = String::with_capacity(80);
     let mut lines = 0usize;
@@ -492,7 +431,7 @@ fn generate_body(size: usize, seed: u64) -> Vec<u8> {
         } else {
             let width = rng.gen_range(40..=78);
             loop {
-                let word = WORDS[rng.gen_range(0..WORDS.len())];
+                let word = words[rng.gen_range(0..words.len())];
                 let extra = if line.is_empty() { 0 } else { 1 };
                 if line.len() + extra + word.len() > width {
                     break;

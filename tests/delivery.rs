@@ -721,6 +721,7 @@ async fn relay_starttls_with_the_right_ca() {
     let sink = Sink::start_with(SinkOptions {
         tls: Some(server_tls(&pki)),
         auth: None,
+        ..SinkOptions::default()
     })
     .await;
     let relay = sink.relay_config(&format!("ca_file = \"{}\"", ca.display()));
@@ -753,6 +754,7 @@ async fn relay_with_an_untrusted_certificate_defers_and_never_sends_in_plaintext
     let sink = Sink::start_with(SinkOptions {
         tls: Some(server_tls(&pki)),
         auth: None,
+        ..SinkOptions::default()
     })
     .await;
     let server = TestServer::start_with(
@@ -821,6 +823,7 @@ async fn relay_authenticates_with_the_password_file() {
     let sink = Sink::start_with(SinkOptions {
         tls: Some(server_tls(&pki)),
         auth: Some(("relay-user".into(), "s3cret relay pass".into())),
+        ..SinkOptions::default()
     })
     .await;
     let server = TestServer::start_with(&sink.relay_config(&format!(
@@ -858,6 +861,7 @@ async fn relay_with_wrong_credentials_defers() {
     let sink = Sink::start_with(SinkOptions {
         tls: Some(server_tls(&pki)),
         auth: Some(("relay-user".into(), "s3cret relay pass".into())),
+        ..SinkOptions::default()
     })
     .await;
     let server = TestServer::start_with(&sink.relay_config(&format!(
@@ -1167,4 +1171,49 @@ async fn queue_delete_during_an_attempt_is_not_undone_by_the_attempt() {
     // The deleted message stays deleted: no entry written back (it would have no message
     // file and be retried forever).
     wait_spool_empty(&server.queue_dir, 10).await;
+}
+
+#[tokio::test]
+async fn relay_over_implicit_tls_verifies_the_certificate() {
+    let pki = TestPki::new();
+    let files = tempfile::tempdir().unwrap();
+    let ca = files.path().join("ca.pem");
+    pki.write_ca(&ca);
+    let sink = Sink::start_with(SinkOptions {
+        tls: Some(server_tls(&pki)),
+        implicit: true,
+        ..SinkOptions::default()
+    })
+    .await;
+    let server = TestServer::start_with(
+        &sink.relay_config_tls("implicit", &format!("ca_file = \"{}\"", ca.display())),
+    )
+    .await;
+    server.add_user(ALICE).await;
+    submit(
+        server.submission,
+        &server.cert_pem,
+        ALICE,
+        &[BOB],
+        &simple_message(ALICE, BOB, "implicit"),
+    )
+    .await;
+    let got = sink.wait_for(1, 20).await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls);
+
+    // The same smart host without its CA configured: deferred, nothing delivered.
+    let other = TestServer::start_with(&sink.relay_config_tls("implicit", "")).await;
+    other.add_user(ALICE).await;
+    let id = submit(
+        other.submission,
+        &other.cert_pem,
+        ALICE,
+        &[BOB],
+        &simple_message(ALICE, BOB, "untrusted"),
+    )
+    .await;
+    let e = wait_entry(&other.queue_dir(), &id, 20, |e| attempts(e) >= 1).await;
+    assert!(last_error(&e).starts_with("451 4.4.1"), "{e}");
+    assert_eq!(sink.messages().len(), 1);
 }

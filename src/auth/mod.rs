@@ -4,6 +4,7 @@
 //! runs on the blocking pool behind a semaphore: a flood of AUTH commands queues up instead of
 //! exhausting memory or stalling the reactor.
 
+pub mod argon;
 pub mod cache;
 pub mod sasl;
 pub mod throttle;
@@ -13,12 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
 use tokio::sync::Semaphore;
 
 use crate::message::{unix_seconds, Address, Identity};
 use crate::store::Store;
+use argon::BlockPool;
 use cache::VerifiedCache;
 use sasl::Credentials;
 use throttle::{Slowdown, ThrottleSettings};
@@ -45,16 +47,6 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
-fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc)
-        .map(|hash| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &hash)
-                .is_ok()
-        })
-        .unwrap_or(false)
-}
-
 /// The normalised form of a login: an address with its domain lowercased.
 pub fn normalize_login(login: &str) -> Option<String> {
     Address::parse(login).ok().map(|a| a.to_string())
@@ -68,6 +60,8 @@ pub struct Authenticator {
     slowdown: Slowdown,
     cache: VerifiedCache,
     verifications: Semaphore,
+    /// argon2 working memory, one buffer per concurrent verification.
+    blocks: BlockPool,
     failure_delay: Duration,
     /// Verified against for unknown users, so that their answer takes as long as a real one.
     decoy_hash: String,
@@ -86,6 +80,7 @@ impl Authenticator {
             slowdown: Slowdown::new(settings.lockout),
             cache: VerifiedCache::new(settings.cache_ttl),
             verifications: Semaphore::new(settings.verify_concurrency),
+            blocks: BlockPool::default(),
             failure_delay: settings.failure_delay,
             decoy_hash: hash_password("decoy password for unknown users").unwrap_or_default(),
         })
@@ -160,7 +155,8 @@ impl Authenticator {
             .acquire()
             .await
             .map_err(|_| AuthFailure::Unavailable)?;
-        tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        let blocks = self.blocks.clone();
+        tokio::task::spawn_blocking(move || blocks.verify(&password, &hash))
             .await
             .map_err(|_| AuthFailure::Unavailable)
     }
@@ -207,9 +203,9 @@ mod tests {
     fn hashes_are_argon2id_and_verify() {
         let phc = hash_password("correct horse").unwrap();
         assert!(phc.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", &phc));
-        assert!(!verify_password("wrong", &phc));
-        assert!(!verify_password("x", "not a phc string"));
+        let pool = BlockPool::default();
+        assert!(pool.verify("correct horse", &phc));
+        assert!(!pool.verify("wrong", &phc));
     }
 
     #[test]

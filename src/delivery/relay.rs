@@ -6,14 +6,21 @@
 //! `AsyncSmtpConnection` here.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 use lettre::transport::smtp::Error as SmtpError;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{RelayConfig, RelayTls};
 
@@ -56,7 +63,10 @@ pub enum RcptOutcome {
 pub struct Relay {
     config: RelayConfig,
     client_id: ClientId,
+    /// For `tls = "starttls"`: lettre upgrades the connection after EHLO.
     tls: Option<TlsParameters>,
+    /// For `tls = "implicit"`: the handshake comes before the greeting, done here.
+    implicit: Option<TlsConnector>,
     credentials: Option<Credentials>,
     /// After a failed connect, nobody connects again before this instant.
     down_until: Mutex<Option<Instant>>,
@@ -65,6 +75,8 @@ pub struct Relay {
 /// An open, authenticated connection to the smart host.
 pub struct RelayConnection {
     conn: AsyncSmtpConnection,
+    /// Longest wait for any one reply of the smart host.
+    timeout: Duration,
     pub last_used: Instant,
 }
 
@@ -81,9 +93,13 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Reads the CA file and password file named by the config.
     pub fn new(config: &RelayConfig, hostname: &str) -> Result<Self, RelayError> {
+        let implicit = match config.tls {
+            RelayTls::Implicit => Some(implicit_connector(config.ca_file.as_deref())?),
+            _ => None,
+        };
         let tls = match config.tls {
-            RelayTls::None => None,
-            RelayTls::Starttls | RelayTls::Implicit => {
+            RelayTls::None | RelayTls::Implicit => None,
+            RelayTls::Starttls => {
                 let mut builder = TlsParameters::builder(config.host.clone());
                 if let Some(ca) = &config.ca_file {
                     let pem = std::fs::read(ca).map_err(|source| RelayError::File {
@@ -116,6 +132,7 @@ impl Relay {
             config: config.clone(),
             client_id: ClientId::Domain(hostname.to_owned()),
             tls,
+            implicit,
             credentials,
             down_until: Mutex::new(None),
         })
@@ -147,16 +164,27 @@ impl Relay {
     }
 
     async fn connect_once(&self) -> Result<RelayConnection, RelayError> {
-        let address = (self.config.host.as_str(), self.config.port);
-        let timeout = Some(self.config.timeout);
-        let implicit = match self.config.tls {
-            RelayTls::Implicit => self.tls.clone(),
-            _ => None,
+        let deadline = self.config.timeout;
+        let tcp = connect_tcp(&self.config.host, self.config.port, deadline).await?;
+        let transport: Box<dyn AsyncTokioStream> = match (&self.config.tls, &self.implicit) {
+            (RelayTls::Implicit, Some(connector)) => {
+                let name = ServerName::try_from(self.config.host.clone())
+                    .map_err(|e| RelayError::TlsSetup(e.to_string()))?;
+                let tls = tokio::time::timeout(deadline, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| RelayError::Connect("TLS handshake timed out".into()))?
+                    .map_err(|e| RelayError::Connect(format!("TLS handshake: {e}")))?;
+                Box::new(ImplicitTls(tls))
+            }
+            _ => Box::new(tcp),
         };
-        let mut conn =
-            AsyncSmtpConnection::connect_tokio1(address, timeout, &self.client_id, implicit, None)
-                .await
-                .map_err(|e| RelayError::Connect(describe(&e)))?;
+        let mut conn = tokio::time::timeout(
+            deadline,
+            AsyncSmtpConnection::connect_with_transport(transport, &self.client_id),
+        )
+        .await
+        .map_err(|_| RelayError::Connect("greeting timed out".into()))?
+        .map_err(|e| RelayError::Connect(describe(&e)))?;
         if self.config.tls == RelayTls::Starttls {
             let Some(tls) = self.tls.clone() else {
                 return Err(RelayError::TlsSetup("no TLS parameters".into()));
@@ -165,20 +193,118 @@ impl Relay {
                 conn.abort().await;
                 return Err(RelayError::NoStartTls);
             }
-            conn.starttls(tls, &self.client_id)
+            tokio::time::timeout(deadline, conn.starttls(tls, &self.client_id))
                 .await
+                .map_err(|_| RelayError::Connect("STARTTLS timed out".into()))?
                 .map_err(|e| RelayError::Connect(describe(&e)))?;
         }
         if let Some(credentials) = &self.credentials {
-            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
-                .await
-                .map_err(|e| RelayError::Auth(describe(&e)))?;
+            tokio::time::timeout(
+                deadline,
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials),
+            )
+            .await
+            .map_err(|_| RelayError::Auth("timed out".into()))?
+            .map_err(|e| RelayError::Auth(describe(&e)))?;
         }
         Ok(RelayConnection {
             conn,
+            timeout: deadline,
             last_used: Instant::now(),
         })
     }
+}
+
+/// Connects to the smart host with Nagle's algorithm off: lettre writes the message and the
+/// final `CRLF.CRLF` separately, and with Nagle on, the second write waits for the smart
+/// host's delayed ACK (about 40 ms per message).
+async fn connect_tcp(host: &str, port: u16, deadline: Duration) -> Result<TcpStream, RelayError> {
+    let addrs = tokio::time::timeout(deadline, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| RelayError::Connect(format!("resolving {host} timed out")))?
+        .map_err(|e| RelayError::Connect(format!("resolving {host}: {e}")))?;
+    let mut last = format!("{host} resolved to no address");
+    for addr in addrs {
+        match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: connection timed out"),
+        }
+    }
+    Err(RelayError::Connect(last))
+}
+
+/// The client side of implicit TLS, in the shape lettre takes an existing stream in.
+#[derive(Debug)]
+struct ImplicitTls(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl AsyncTokioStream for ImplicitTls {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for ImplicitTls {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ImplicitTls {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The TLS client configuration for implicit TLS: the system roots plus `ca_file`, with
+/// hostname verification (rustls always verifies the name).
+fn implicit_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, RelayError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(ca) = ca_file {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| RelayError::TlsSetup(format!("{}: {e}", ca.display())))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| RelayError::TlsSetup(format!("{}: {e}", ca.display())))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| RelayError::TlsSetup(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 impl RelayConnection {
@@ -211,7 +337,7 @@ impl RelayConnection {
                 }
             }
         };
-        match self.conn.command(Mail::new(from, params)).await {
+        match self.call(Mail::new(from, params)).await? {
             Ok(_) => {}
             Err(e) if e.is_permanent() || e.is_transient() => {
                 return self.all_refused(&e, recipients.len()).await
@@ -228,7 +354,7 @@ impl RelayConnection {
                 ));
                 continue;
             };
-            match self.conn.command(Rcpt::new(address, vec![])).await {
+            match self.call(Rcpt::new(address, vec![])).await? {
                 Ok(_) => accepted.push(i),
                 Err(e) => outcomes[i] = Some(refusal(&e)?),
             }
@@ -240,13 +366,17 @@ impl RelayConnection {
                 .map(|o| o.unwrap_or(RcptOutcome::Deferred("no reply".into())))
                 .collect());
         }
-        let data_result = match self.conn.command(Data).await {
+        let data_result = match self.call(Data).await? {
             // lettre appends CRLF.CRLF itself; giving it the final CRLF too would add an
-            // empty line to every message.
+            // empty line to every message. The transfer may take a while: the timeout grows
+            // with the size (at least 100 KiB/s).
             Ok(_) => {
-                self.conn
-                    .message(message.strip_suffix(b"\r\n").unwrap_or(message))
+                let transfer =
+                    self.timeout + Duration::from_secs((message.len() / (100 * 1024)) as u64);
+                let body = message.strip_suffix(b"\r\n").unwrap_or(message);
+                tokio::time::timeout(transfer, self.conn.message(body))
                     .await
+                    .map_err(|_| RelayError::Broken("message transfer timed out".into()))?
             }
             Err(e) => Err(e),
         };
@@ -283,11 +413,20 @@ impl RelayConnection {
     }
 
     async fn reset(&mut self) -> Result<(), RelayError> {
-        self.conn
-            .command(Rset)
-            .await
+        self.call(Rset)
+            .await?
             .map(|_| ())
             .map_err(|e| RelayError::Broken(describe(&e)))
+    }
+
+    /// One command and its reply, within the timeout; a timeout breaks the connection.
+    async fn call<C: std::fmt::Display>(
+        &mut self,
+        command: C,
+    ) -> Result<Result<Response, SmtpError>, RelayError> {
+        tokio::time::timeout(self.timeout, self.conn.command(command))
+            .await
+            .map_err(|_| RelayError::Broken("the smart host did not answer in time".into()))
     }
 
     /// True if the connection can be used for another message.
@@ -297,7 +436,7 @@ impl RelayConnection {
 
     /// Says goodbye to the smart host.
     pub async fn quit(mut self) {
-        let _ = self.conn.quit().await;
+        let _ = tokio::time::timeout(self.timeout, self.conn.quit()).await;
     }
 }
 

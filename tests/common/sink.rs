@@ -108,6 +108,8 @@ pub struct SinkOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Require AUTH PLAIN/LOGIN with these credentials before MAIL.
     pub auth: Option<(String, String)>,
+    /// Use `tls` as implicit TLS (465 style) instead of offering STARTTLS.
+    pub implicit: bool,
 }
 
 /// A running sink.
@@ -332,6 +334,16 @@ async fn session(
 ) {
     let mut stream: Box<dyn Io> = Box::new(tcp);
     let mut tls = false;
+    if options.implicit {
+        let Some(config) = options.tls.clone() else {
+            return;
+        };
+        match TlsAcceptor::from(config).accept(stream).await {
+            Ok(s) => stream = Box::new(s),
+            Err(_) => return,
+        }
+        tls = true;
+    }
     let mut buf: Vec<u8> = Vec::new();
     let _ = stream.write_all(b"220 sink.test ESMTP\r\n").await;
     let mut authenticated: Option<String> = None;

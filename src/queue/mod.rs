@@ -23,13 +23,55 @@ struct Schedule {
     busy: HashSet<QueueId>,
 }
 
+/// One message waiting for the spool writer.
+struct Commit {
+    entry: Entry,
+    message: Assembled,
+    done: tokio::sync::oneshot::Sender<Result<Entry, SpoolError>>,
+}
+
+/// Most messages committed in one batch.
+const MAX_BATCH: usize = 64;
+
+/// The spool writer: a thread that commits whatever messages are waiting, as one batch, so
+/// concurrent submissions share directory fsyncs instead of contending for the directories.
+fn spool_writer(spool: Spool, queue: std::sync::mpsc::Receiver<Commit>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(&Entry, Vec<&[u8]>)> = batch
+            .iter()
+            .map(|c| (&c.entry, c.message.slices()))
+            .collect();
+        let results = spool.commit_batch(&items);
+        drop(items);
+        for (commit, result) in batch.into_iter().zip(results) {
+            let _ = commit.done.send(result.map(|()| commit.entry));
+        }
+    }
+}
+
 /// The queue shared by the submission pipeline, the delivery workers and the CLI rescan.
-#[derive(Debug)]
 pub struct Queue {
     spool: Spool,
+    /// New messages go to the spool writer thread; it stops when the queue is dropped.
+    writer: std::sync::mpsc::Sender<Commit>,
     retry: RetryPolicy,
     schedule: Mutex<Schedule>,
     wake: Notify,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("spool", &self.spool)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Queue {
@@ -40,8 +82,18 @@ impl Queue {
         if removed > 0 {
             tracing::info!(removed, "removed incomplete files from the spool");
         }
+        let (writer, commits) = std::sync::mpsc::channel();
+        let writer_spool = spool.clone();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || spool_writer(writer_spool, commits))
+            .map_err(|source| SpoolError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
         let queue = Arc::new(Self {
             spool,
+            writer,
             retry,
             schedule: Mutex::new(Schedule::default()),
             wake: Notify::new(),
@@ -85,17 +137,23 @@ impl Queue {
     }
 
     /// Commits a new message durably, then schedules it. Only after this returns may the
-    /// client be told `250`.
+    /// client be told `250`. Messages submitted at the same time are committed together by
+    /// the spool writer (group commit); none is acknowledged before its own files and their
+    /// directory entries are on stable storage.
     pub async fn enqueue(&self, entry: Entry, message: Assembled) -> Result<(), SpoolError> {
-        let spool = self.spool.clone();
-        let entry = tokio::task::spawn_blocking(move || {
-            spool.commit(&entry, &message.slices()).map(|()| entry)
-        })
-        .await
-        .map_err(|e| SpoolError::Io {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let writer_gone = || SpoolError::Io {
             path: "spool writer".into(),
-            source: std::io::Error::other(e),
-        })??;
+            source: std::io::Error::other("the spool writer has stopped"),
+        };
+        self.writer
+            .send(Commit {
+                entry,
+                message,
+                done,
+            })
+            .map_err(|_| writer_gone())?;
+        let entry = result.await.map_err(|_| writer_gone())??;
         self.lock()
             .due
             .insert((entry.next_attempt, entry.id.clone()));

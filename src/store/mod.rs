@@ -70,6 +70,19 @@ impl Store {
                 Backend::Sqlite => 4,
                 Backend::Postgres => 10,
             })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // In WAL mode NORMAL cannot corrupt the database; a power cut may lose
+                        // the last transactions (trace records), never queued mail, which the
+                        // spool holds with its own fsyncs. It saves an fsync per message.
+                        sqlx::query("PRAGMA synchronous=NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
         if backend == Backend::Sqlite {

@@ -374,7 +374,9 @@ impl RelayConnection {
                 let transfer =
                     self.timeout + Duration::from_secs((message.len() / (100 * 1024)) as u64);
                 let body = message.strip_suffix(b"\r\n").unwrap_or(message);
-                tokio::time::timeout(transfer, self.conn.message(body))
+                // In pieces: lettre dot-stuffs each into a buffer of its own, so this keeps
+                // that copy at 64 KiB instead of the size of the message.
+                tokio::time::timeout(transfer, self.conn.message_iter(body.chunks(64 * 1024)))
                     .await
                     .map_err(|_| RelayError::Broken("message transfer timed out".into()))?
             }

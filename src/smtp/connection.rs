@@ -449,7 +449,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
     /// Reads DATA content up to CRLF.CRLF.
     async fn read_data(&mut self) -> Result<(ContentReader, Vec<u8>), ReadError> {
         let mut reader = ContentReader::dot_stuffed(self.ctx.settings.max_message_size);
-        let mut message = Vec::new();
+        let mut message = self.message_buffer();
         loop {
             let pending = &self.input[self.start..];
             if let Some(consumed) = reader.feed(pending, &mut message) {
@@ -461,12 +461,30 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         }
     }
 
+    /// An empty message buffer, sized from the client's `SIZE=` estimate (with some slack)
+    /// so that a large message is not copied over and over while its buffer doubles.
+    fn message_buffer(&self) -> Vec<u8> {
+        Vec::with_capacity(self.initial_capacity())
+    }
+
+    fn initial_capacity(&self) -> usize {
+        let max = self.ctx.settings.max_message_size;
+        let estimate = self.session.declared_size().unwrap_or(0).min(max);
+        estimate
+            .saturating_add(estimate / 16 + 4096)
+            .min(max + 4096)
+    }
+
     /// Reads one BDAT chunk into the message being assembled.
     async fn read_chunk(&mut self, mut size: usize) -> Result<(), ReadError> {
         let max = self.ctx.settings.max_message_size;
+        let initial = self.initial_capacity().max(size.min(max) + 4096);
         let (reader, message) = self
             .chunked
             .get_or_insert_with(|| (ContentReader::chunked(max), Vec::new()));
+        if message.capacity() == 0 {
+            *message = Vec::with_capacity(initial);
+        }
         let mut reader = std::mem::replace(reader, ContentReader::chunked(max));
         let mut message = std::mem::take(message);
         let result = loop {

@@ -84,6 +84,8 @@ enum SaslExchange {
 struct Transaction {
     sender: String,
     recipients: Vec<String>,
+    /// The client's `SIZE=` estimate, if it gave one.
+    declared_size: Option<usize>,
     /// BDAT chunks have started; DATA is no longer allowed.
     chunking: bool,
 }
@@ -158,6 +160,14 @@ impl Session {
                 ..
             }
         )
+    }
+
+    /// The message size the client declared with `SIZE=` for the open transaction.
+    pub fn declared_size(&self) -> Option<usize> {
+        match &self.phase {
+            Phase::Transaction { tx, .. } => tx.declared_size,
+            _ => None,
+        }
     }
 
     /// True once the session is over.
@@ -427,6 +437,7 @@ impl Session {
                 identity,
                 tx: Transaction {
                     sender: address,
+                    declared_size: size,
                     recipients: Vec::new(),
                     chunking: false,
                 },

@@ -4,6 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
+# Cargo.toml names the benchmark and example targets; they must exist for the manifest to load.
+COPY benches benches
+COPY examples examples
 RUN cargo build --release --locked --bin submitd
 
 FROM debian:bookworm-slim

@@ -156,6 +156,22 @@ fn rsa_key(
     })
 }
 
+/// Warnings for key files that group or others can read (a leaked key lets anyone sign as
+/// the domain).
+pub fn permission_warnings(configs: &[DkimKeyConfig]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    configs
+        .iter()
+        .filter(|k| std::fs::metadata(&k.key).is_ok_and(|m| m.permissions().mode() & 0o077 != 0))
+        .map(|k| {
+            format!(
+                "DKIM key {} is readable by group or others; chmod 600 it",
+                k.key.display()
+            )
+        })
+        .collect()
+}
+
 /// A generated private key as PEM (PKCS#8), for `submitd dkim generate`.
 pub fn generate_key(key_type: KeyType, bits: usize) -> Result<String, String> {
     match key_type {
@@ -356,6 +372,47 @@ mod tests {
             "DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.org; c=relaxed/relaxed"
         ));
         assert!(signer.sign("example.net", &msg, &names).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_with_sign_false_is_loaded_but_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.pem");
+        std::fs::write(&path, generate_key(KeyType::Ed25519, 0).unwrap()).unwrap();
+        let config = DkimKeyConfig {
+            domain: "example.org".into(),
+            selector: "old".into(),
+            key: path.clone(),
+            sign: false,
+        };
+        let signer = Signer::load(std::slice::from_ref(&config)).unwrap();
+        assert!(!signer.signs_for("example.org"));
+        let msg: [&[u8]; 2] = [b"From: a@example.org\r\n", b"\r\nbody\r\n"];
+        assert!(signer
+            .sign("example.org", &msg, &["From".to_owned()])
+            .unwrap()
+            .is_empty());
+        // Checked all the same: a broken key with sign = false still stops the start.
+        std::fs::write(&path, "broken").unwrap();
+        assert!(Signer::load(&[config]).is_err());
+    }
+
+    #[test]
+    fn group_readable_keys_draw_a_warning() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, "x").unwrap();
+        let config = DkimKeyConfig {
+            domain: "example.org".into(),
+            selector: "s".into(),
+            key: path.clone(),
+            sign: true,
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(permission_warnings(std::slice::from_ref(&config)).is_empty());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(permission_warnings(&[config]).len(), 1);
     }
 
     #[test]

@@ -108,7 +108,11 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let shutdown = controls.shutdown.clone();
     crate::metrics::install();
-    for w in config.warnings() {
+    for w in config
+        .warnings()
+        .into_iter()
+        .chain(crate::dkim::permission_warnings(&config.dkim))
+    {
         warn!("{w}");
     }
     let store = Store::open(&config.database.url).await?;

@@ -1,7 +1,5 @@
 //! `submitd check-config`: validates the configuration and every file it names.
 
-use std::os::unix::fs::PermissionsExt;
-
 use crate::config::Config;
 use crate::delivery::relay::Relay;
 use crate::dkim::{load_key, Signer};
@@ -15,19 +13,11 @@ pub async fn check(config: &Config) -> (Vec<String>, Vec<String>) {
         errors.push(e.to_string());
     }
     for k in &config.dkim {
-        match load_key(&k.key) {
-            Ok(_) => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-        if let Ok(meta) = std::fs::metadata(&k.key) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                warnings.push(format!(
-                    "DKIM key {} is readable by group or others; chmod 600 it",
-                    k.key.display()
-                ));
-            }
+        if let Err(e) = load_key(&k.key) {
+            errors.push(e.to_string());
         }
     }
+    warnings.extend(crate::dkim::permission_warnings(&config.dkim));
     if let Some(relay) = &config.relay {
         if let Err(e) = Relay::new(relay, &config.hostname) {
             errors.push(e.to_string());

@@ -122,10 +122,25 @@ pub struct ClientInfo {
     pub implicit_tls: bool,
 }
 
-/// A queue id: time-ordered, unique across nodes, safe as a file name.
+/// A queue id: time-ordered, unique across nodes, safe as a file name. Read back from a
+/// spool entry, it is checked like one typed by an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct QueueId(String);
+
+impl TryFrom<String> for QueueId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        QueueId::parse(&s).ok_or_else(|| format!("not a queue id: {s:?}"))
+    }
+}
+
+impl From<QueueId> for String {
+    fn from(id: QueueId) -> Self {
+        id.0
+    }
+}
 
 impl QueueId {
     /// A new id: milliseconds since the epoch, the node name, and 40 random bits.
@@ -206,6 +221,9 @@ mod tests {
         assert_eq!(QueueId::parse(a.as_str()), Some(a.clone()));
         assert_eq!(QueueId::parse("../etc/passwd"), None);
         assert_eq!(QueueId::parse(""), None);
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<QueueId>(&json).unwrap(), a);
+        assert!(serde_json::from_str::<QueueId>("\"../../etc/passwd\"").is_err());
     }
 }
 

@@ -951,3 +951,26 @@ async fn lettre_without_tls_gets_nowhere() {
     assert!(mailer.send(email).await.is_err());
     assert!(server.queued_ids().is_empty());
 }
+
+/// RSET ends a transaction only: after AUTH, and after a delivered message, the session stays
+/// authenticated (clients such as Outlook send RSET between messages).
+#[tokio::test]
+async fn rset_keeps_the_session_authenticated() {
+    let server = TestServer::start().await;
+    server.add_user("alice@example.org").await;
+    let mut c = server.authenticated("alice@example.org").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    let msg = simple_message("alice@example.org", "bob@example.net", "r1");
+    let r = c
+        .send_message("alice@example.org", &["bob@example.net"], &msg)
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    c.cmd("RSET", "250 2.0.0").await;
+    c.cmd("MAIL FROM:<alice@example.org>", "250 2.1.0").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    let r = c
+        .send_message("alice@example.org", &["bob@example.net"], &msg)
+        .await;
+    assert_eq!(r.code, 250, "{r:?}");
+    assert_eq!(server.queued_ids().len(), 2);
+}

@@ -176,7 +176,8 @@ impl Authenticator {
                 .map_err(unavailable)?;
         }
         let recent = self.slowdown.record(ip, Instant::now());
-        tracing::warn!(%ip, user = %login, recent, "authentication failed");
+        // Debug formatting escapes control characters: the login is the client's text.
+        tracing::warn!(%ip, user = ?login, recent, "authentication failed");
         tokio::time::sleep(self.failure_delay * recent.min(5)).await;
         Err(AuthFailure::InvalidCredentials)
     }

@@ -141,8 +141,18 @@ impl Delivery {
                 self.retry_later(&mut entry, now);
             }
         }
-        if !newly_failed.is_empty() {
-            self.bounce(&entry, &newly_failed, &message, now).await;
+        if !newly_failed.is_empty() && !self.bounce(&entry, &newly_failed, &message, now).await {
+            // The sender must hear of the failure: without a queued DSN the recipients stay
+            // pending (and fail, and bounce, again at the next attempt).
+            for r in entry
+                .recipients
+                .iter_mut()
+                .filter(|r| newly_failed.contains(&r.address))
+            {
+                r.status = RecipientStatus::Pending;
+            }
+            entry.last_error = Some("451 4.3.0 the bounce could not be queued".into());
+            self.retry_later(&mut entry, now);
         }
         for r in entry
             .recipients
@@ -248,10 +258,11 @@ impl Delivery {
 
     /// Queues one DSN for `failed` recipients, unless the message is itself a bounce or had
     /// the null sender.
-    async fn bounce(&self, entry: &Entry, failed: &[String], message: &[u8], now: i64) {
+    /// Returns false only when a DSN was owed and could not be queued.
+    async fn bounce(&self, entry: &Entry, failed: &[String], message: &[u8], now: i64) -> bool {
         if entry.is_bounce || entry.sender.is_empty() {
             info!(queue_id = %entry.id, "no bounce for a message with the null sender");
-            return;
+            return true;
         }
         let failed: Vec<&Recipient> = entry
             .recipients
@@ -289,9 +300,13 @@ impl Delivery {
         match self.queue.enqueue(bounce_entry, assembled).await {
             Ok(()) => {
                 crate::metrics::bounce();
-                info!(queue_id = %entry.id, bounce_id = %id, to = %entry.sender, "bounce queued")
+                info!(queue_id = %entry.id, bounce_id = %id, to = %entry.sender, "bounce queued");
+                true
             }
-            Err(e) => error!(queue_id = %entry.id, error = %e, "cannot queue bounce"),
+            Err(e) => {
+                error!(queue_id = %entry.id, error = %e, "cannot queue bounce");
+                false
+            }
         }
     }
 }

@@ -190,7 +190,7 @@ impl Relay {
                 return Err(RelayError::TlsSetup("no TLS parameters".into()));
             };
             if !conn.can_starttls() {
-                conn.abort().await;
+                let _ = tokio::time::timeout(deadline, conn.abort()).await;
                 return Err(RelayError::NoStartTls);
             }
             tokio::time::timeout(deadline, conn.starttls(tls, &self.client_id))

@@ -76,7 +76,46 @@ pub fn check_from(
     if count == 0 {
         return Err(FromError::Unparsable);
     }
+    // mail-parser recovers from malformed headers by picking one address; other readers
+    // may pick another (`From: <alice@x> "<mallory@y>"`). So every address-like text in the
+    // raw field, wherever it stands (display name, comment, stray quotes), must be owned too.
+    for candidate in addresses_in(&raw[raw.iter().position(|&b| b == b':').map_or(0, |i| i + 1)..])
+    {
+        if let Ok(address) = Address::parse(&candidate) {
+            if !may_send_as(identity, &address) {
+                return Err(FromError::NotOwned(address.to_string()));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Every `local@domain` run of address characters in `raw`.
+fn addresses_in(raw: &[u8]) -> Vec<String> {
+    let local =
+        |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b) || b >= 0x80;
+    let domain = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b >= 0x80;
+    let mut found = Vec::new();
+    for (at, _) in raw.iter().enumerate().filter(|(_, &b)| b == b'@') {
+        let start = raw[..at]
+            .iter()
+            .rposition(|&b| !local(b))
+            .map_or(0, |i| i + 1);
+        let end = raw[at + 1..]
+            .iter()
+            .position(|&b| !domain(b))
+            .map_or(raw.len(), |i| at + 1 + i);
+        let (l, d) = (&raw[start..at], &raw[at + 1..end]);
+        let d = d.strip_suffix(b".").unwrap_or(d);
+        if !l.is_empty() && !d.is_empty() {
+            found.push(format!(
+                "{}@{}",
+                String::from_utf8_lossy(l),
+                String::from_utf8_lossy(d)
+            ));
+        }
+    }
+    found
 }
 
 /// The domain of the (first) From: address, for DKIM key selection.
@@ -160,6 +199,22 @@ mod tests {
                 Err(FromError::Unparsable),
             ),
             ("From: undisclosed\r\n", Err(FromError::Unparsable)),
+            (
+                "From: <alice@example.org> \"<mallory@evil.example>\"\r\n",
+                Err(FromError::NotOwned("mallory@evil.example".into())),
+            ),
+            (
+                "From: <alice@example.org> (<mallory@evil.example>\r\n",
+                Err(FromError::NotOwned("mallory@evil.example".into())),
+            ),
+            (
+                "From: \"alice@example.org\" <alice@example.org>\r\n",
+                Ok(()),
+            ),
+            (
+                "From: \"support@bank.example\" <alice@example.org>\r\n",
+                Err(FromError::NotOwned("support@bank.example".into())),
+            ),
             ("From : alice@example.org\r\n", Err(FromError::Unparsable)),
             // A second From in the obsolete form is still a second From.
             (

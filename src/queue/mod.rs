@@ -5,7 +5,7 @@
 pub mod schedule;
 pub mod spool;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,10 +17,33 @@ use crate::message::{unix_seconds, Assembled, QueueId};
 pub use schedule::RetryPolicy;
 pub use spool::{Entry, Recipient, RecipientStatus, Spool, SpoolError};
 
+/// When each message is due, and which are being attempted right now. Each id is in at
+/// most one of `due` (with its time in `at`) and `busy`.
 #[derive(Debug, Default)]
 struct Schedule {
     due: BTreeSet<(i64, QueueId)>,
+    at: HashMap<QueueId, i64>,
     busy: HashSet<QueueId>,
+}
+
+impl Schedule {
+    /// Schedules `id` at `when`, replacing an earlier time; ignored while it is being tried.
+    fn put(&mut self, when: i64, id: QueueId) {
+        if self.busy.contains(&id) {
+            return;
+        }
+        if let Some(old) = self.at.insert(id.clone(), when) {
+            self.due.remove(&(old, id.clone()));
+        }
+        self.due.insert((when, id));
+    }
+
+    /// Takes the earliest entry off the schedule.
+    fn pop_first(&mut self) -> Option<(i64, QueueId)> {
+        let first = self.due.pop_first()?;
+        self.at.remove(&first.1);
+        Some(first)
+    }
 }
 
 /// One message waiting for the spool writer.
@@ -122,14 +145,12 @@ impl Queue {
         for e in errors {
             tracing::error!(error = %e, "unreadable queue entry left in place");
         }
+        // Merged into the schedule, not replacing it: a message queued while the directory
+        // was being read is not in this snapshot and must stay scheduled.
         let mut schedule = self.lock();
-        let busy = std::mem::take(&mut schedule.busy);
-        schedule.due = entries
-            .iter()
-            .filter(|e| !busy.contains(&e.id))
-            .map(|e| (e.next_attempt, e.id.clone()))
-            .collect();
-        schedule.busy = busy;
+        for e in &entries {
+            schedule.put(e.next_attempt, e.id.clone());
+        }
         let count = entries.len();
         drop(schedule);
         self.wake.notify_waiters();
@@ -168,8 +189,10 @@ impl Queue {
                 let mut schedule = self.lock();
                 let now = unix_seconds(SystemTime::now());
                 match schedule.due.first().cloned() {
-                    Some((at, id)) if at <= now => {
-                        schedule.due.remove(&(at, id.clone()));
+                    Some((at, _)) if at <= now => {
+                        let Some((_, id)) = schedule.pop_first() else {
+                            continue;
+                        };
                         match self.spool.read_entry(&id) {
                             Ok(entry) => {
                                 schedule.busy.insert(id);
@@ -216,7 +239,7 @@ impl Queue {
         let mut schedule = self.lock();
         schedule.busy.remove(&id);
         if !done && !deleted {
-            schedule.due.insert((next, id));
+            schedule.put(next, id);
         }
         drop(schedule);
         self.wake.notify_one();
@@ -227,7 +250,7 @@ impl Queue {
     pub fn release(&self, entry: &Entry) {
         let mut schedule = self.lock();
         schedule.busy.remove(&entry.id);
-        schedule.due.insert((entry.next_attempt, entry.id.clone()));
+        schedule.put(entry.next_attempt, entry.id.clone());
     }
 
     /// Messages in the queue, and the receive time (seconds) of the oldest. Queue ids start
@@ -245,5 +268,33 @@ impl Queue {
             schedule.due.len() + schedule.busy.len(),
             oldest.map(|ms| ms / 1000),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> QueueId {
+        QueueId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn schedule_keeps_one_time_per_message_and_skips_busy_ones() {
+        let mut s = Schedule::default();
+        s.put(50, id("A"));
+        s.put(10, id("A"));
+        s.put(20, id("B"));
+        assert_eq!(s.due.len(), 2, "A once, at its latest time");
+        assert_eq!(s.pop_first(), Some((10, id("A"))));
+        s.busy.insert(id("A"));
+        s.put(5, id("A"));
+        assert_eq!(
+            s.pop_first(),
+            Some((20, id("B"))),
+            "a busy message is not scheduled again"
+        );
+        assert_eq!(s.pop_first(), None);
+        assert!(s.at.is_empty());
     }
 }

@@ -113,7 +113,7 @@ pub async fn serve(
     debug!(client = %peer.ip(), version = %tls.version, cipher = %tls.cipher, "TLS established");
     let mut conn = Connection::new(&mut tls_stream, peer, &ctx, &policy, Some(tls), implicit);
     conn.run(&mut guard).await;
-    let _ = tls_stream.shutdown().await;
+    let _ = tokio::time::timeout(ctx.timeouts.command, tls_stream.shutdown()).await;
     info!(client = %peer.ip(), secs = started.elapsed().as_secs(), "closed");
 }
 
@@ -200,6 +200,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                 Err(ReadError::Closed) => return SessionEnd::Closed,
             };
             let step = self.session.handle_line(&line);
+            if !self.session.in_transaction() {
+                // RSET or EHLO ended a BDAT transaction: do not keep its partial message.
+                self.chunked = None;
+            }
             if let Step::StartTls(reply) = step {
                 self.queue_reply(&reply);
                 if self.flush().await.is_err() {
@@ -257,7 +261,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                                 AuthFailure::Throttled => "throttled",
                                 AuthFailure::Unavailable => "unavailable",
                             });
-                            info!(client = %self.peer.ip(), user = %credentials.login(), reason = %e, "authentication refused")
+                            info!(client = %self.peer.ip(), user = ?credentials.login(), reason = %e, "authentication refused")
                         }
                     }
                     self.session.auth_result(result)
@@ -524,22 +528,30 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         reply.write_to(&mut self.output);
     }
 
+    /// Sends the queued replies. A client that stops reading gets the command timeout, not
+    /// a connection slot held forever.
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.output.is_empty() {
             return Ok(());
         }
-        let result = self.stream.write_all(&self.output).await;
+        let deadline = self.ctx.timeouts.command;
+        let result = tokio::time::timeout(deadline, async {
+            self.stream.write_all(&self.output).await?;
+            self.stream.flush().await
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
         self.output.clear();
         if self.output.capacity() > 4 * COMMAND_READ {
             self.output = Vec::new();
         }
-        result?;
-        self.stream.flush().await
+        result
     }
 
     async fn close_with(&mut self, reply: &Reply) {
         self.queue_reply(reply);
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        if self.flush().await.is_ok() {
+            let _ = tokio::time::timeout(self.ctx.timeouts.command, self.stream.shutdown()).await;
+        }
     }
 }

@@ -86,8 +86,9 @@ impl ContentReader {
         while i < input.len() {
             match self.state {
                 LineState::LineStart if self.dot_stuffed && input[i] == b'.' => {
+                    // The stuffing dot is not part of the line (RFC 5321 4.5.3.1.6).
                     self.state = LineState::Dot;
-                    self.line_len = 1;
+                    self.line_len = 0;
                     i += 1;
                 }
                 LineState::LineStart => {
@@ -272,6 +273,11 @@ mod tests {
         let mut ok = vec![b'x'; 998];
         ok.extend_from_slice(b"\r\n.\r\n");
         assert_eq!(read(&ok, 100, 1 << 20).2, Ok(()));
+        // A 998-octet line starting with a dot is 999 octets on the wire, stuffing included.
+        let mut stuffed = vec![b'.', b'.'];
+        stuffed.extend(vec![b'x'; 997]);
+        stuffed.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(read(&stuffed, 100, 1 << 20).2, Ok(()));
         let (out, consumed, result) = read(b"0123456789\r\n.\r\n", 3, 8);
         assert_eq!(result, Err(ContentError::TooBig));
         assert_eq!(consumed, Some(15));

@@ -162,6 +162,11 @@ impl Session {
         )
     }
 
+    /// True while a mail transaction is open.
+    pub fn in_transaction(&self) -> bool {
+        matches!(self.phase, Phase::Transaction { .. })
+    }
+
     /// The message size the client declared with `SIZE=` for the open transaction.
     pub fn declared_size(&self) -> Option<usize> {
         match &self.phase {
@@ -568,14 +573,15 @@ impl Session {
         }
     }
 
+    /// RSET: ends an open transaction; every other phase (greeting, authentication) stays.
     fn reset_transaction(&mut self) {
+        if !matches!(self.phase, Phase::Transaction { .. }) {
+            return;
+        }
         if let Phase::Transaction { ehlo, identity, .. } =
             std::mem::replace(&mut self.phase, Phase::Closed)
         {
             self.phase = Phase::Authenticated { ehlo, identity };
-        }
-        if self.is_closed() {
-            self.phase = Phase::Connected;
         }
     }
 
@@ -889,6 +895,30 @@ mod tests {
             Step::ReceiveChunk { first: false, .. }
         ));
         assert_eq!(reply_of(&line(&mut s, "DATA")), (503, Some((5, 5, 1))));
+    }
+
+    #[test]
+    fn rset_keeps_the_greeting_and_the_authentication() {
+        let mut s = Session::new(settings(), true);
+        line(&mut s, "EHLO client");
+        assert_eq!(reply_of(&line(&mut s, "RSET")), (250, Some((2, 0, 0))));
+        assert!(matches!(
+            line(&mut s, "AUTH PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="),
+            Step::Verify(_)
+        ));
+        s.auth_result(Ok(alice()));
+        for _ in 0..2 {
+            assert_eq!(reply_of(&line(&mut s, "RSET")), (250, Some((2, 0, 0))));
+            assert!(s.is_authenticated());
+        }
+        line(&mut s, "MAIL FROM:<alice@example.org>");
+        assert_eq!(reply_of(&line(&mut s, "RSET")), (250, Some((2, 0, 0))));
+        assert!(s.is_authenticated());
+        assert_eq!(s.declared_size(), None);
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
+            (250, Some((2, 1, 0)))
+        );
     }
 
     #[test]

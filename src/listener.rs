@@ -82,6 +82,7 @@ impl ConnectionLimits {
 
     /// Admits a new (unauthenticated) connection from `ip`, or says which cap it hit.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionGuard, CapExceeded> {
+        let ip = client_key(ip);
         let mut state = self.lock();
         let (total, per_ip) = &mut *state;
         if *total >= self.caps.total {
@@ -107,6 +108,22 @@ impl ConnectionLimits {
     /// Open connections in total.
     pub fn open(&self) -> usize {
         self.lock().0
+    }
+}
+
+/// What the per-address caps count by: an IPv4 address (also when it arrives IPv4-mapped),
+/// or an IPv6 /64, which one host usually holds whole and can hop around in.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
     }
 }
 
@@ -213,6 +230,25 @@ fn capitalize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let limits = ConnectionLimits::new(Caps {
+            total: 10,
+            per_ip: 10,
+            unauthenticated_per_ip: 1,
+        });
+        let _a = limits.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            limits
+                .admit("2001:db8:1:2:ffff::9".parse().unwrap())
+                .unwrap_err(),
+            CapExceeded::Unauthenticated
+        );
+        assert!(limits.admit("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        let _b = limits.admit("192.0.2.1".parse().unwrap()).unwrap();
+        assert!(limits.admit("::ffff:192.0.2.1".parse().unwrap()).is_err());
+    }
 
     #[test]
     fn caps_count_and_release() {

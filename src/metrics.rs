@@ -94,6 +94,8 @@ pub async fn serve(listener: TcpListener, queue: Arc<Queue>, stop: CancellationT
             _ = stop.cancelled() => return,
         };
         let Ok((mut stream, _)) = accepted else {
+            // Typically out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let (messages, oldest) = queue.stats();
@@ -111,8 +113,12 @@ pub async fn serve(listener: TcpListener, queue: Arc<Queue>, stop: CancellationT
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            // A scraper that stops reading does not keep the task.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                stream.write_all(response.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
         });
     }
 }

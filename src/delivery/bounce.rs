@@ -118,11 +118,14 @@ pub fn build(
 }
 
 /// A reply as one printable line (a header value must not break).
+/// A reply as one printable line (a header value must not break), cut to fit within the
+/// 998-octet line limit even with the field name in front.
 fn one_line(reply: Option<&str>) -> String {
     reply
         .unwrap_or("550 5.0.0 delivery failed")
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
+        .take(900)
         .collect()
 }
 

@@ -69,10 +69,34 @@ impl Delivery {
             Ok(m) => m,
             Err(e) => {
                 // Without its bytes the message cannot be delivered; keep the entry for the
-                // operator rather than dropping it silently.
+                // operator (the file may come back from a backup) until it expires, then tell
+                // the sender like for any other expiry.
                 error!(queue_id = %entry.id, error = %e, "cannot read queued message");
-                entry.last_error = Some(format!("cannot read message file: {e}"));
-                self.retry_later(&mut entry, unix_seconds(SystemTime::now()));
+                let now = unix_seconds(SystemTime::now());
+                let reason = format!("451 4.3.0 cannot read the queued message file: {e}");
+                entry.attempts += 1;
+                entry.last_error = Some(reason.clone());
+                if self.queue.retry().expired(entry.received_at, now) {
+                    let failed: Vec<String> = entry.pending().map(|r| r.address.clone()).collect();
+                    for r in entry
+                        .recipients
+                        .iter_mut()
+                        .filter(|r| r.status == RecipientStatus::Pending)
+                    {
+                        r.status = RecipientStatus::Failed;
+                        r.last_reply = Some(format!("{reason} (message expired in queue)"));
+                    }
+                    if !self.bounce(&entry, &failed, b"", now).await {
+                        for r in entry
+                            .recipients
+                            .iter_mut()
+                            .filter(|r| failed.contains(&r.address))
+                        {
+                            r.status = RecipientStatus::Pending;
+                        }
+                    }
+                }
+                self.retry_later(&mut entry, now);
                 self.store_entry(entry).await;
                 return;
             }

@@ -73,20 +73,7 @@ fn entry(queue_dir: &Path, id: &str) -> Option<Value> {
 
 /// Ids of the committed entries.
 fn queued(queue_dir: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = std::fs::read_dir(queue_dir.join("entries"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".json"))
-                        .map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort();
-    ids
+    queued_ids_in(queue_dir)
 }
 
 /// Waits until the entry of `id` satisfies `pred`; panics with the last state seen.

@@ -210,20 +210,7 @@ impl TestServer {
 
     /// Names of the committed queue entries.
     pub fn queued_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = std::fs::read_dir(self.queue_dir().join("entries"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()
-                            .and_then(|n| n.strip_suffix(".json"))
-                            .map(str::to_owned)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        ids.sort();
-        ids
+        queued_ids_in(&self.queue_dir())
     }
 
     /// Stops the server gracefully and returns its directory (for a restart).
@@ -492,6 +479,24 @@ impl Client {
         self.send(b".\r\n").await;
         self.reply().await
     }
+}
+
+/// Ids of the committed entries in a spool directory, sorted.
+pub fn queued_ids_in(queue_dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(queue_dir.join("entries"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
 }
 
 /// base64(`\0user\0password`).

@@ -13,7 +13,10 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10587 --home-dir /var/lib/submitd --create-home submitd
+    && useradd --system --uid 10587 --home-dir /var/lib/submitd --create-home submitd \
+    && mkdir -p /var/lib/submitd/data /var/lib/submitd/certs \
+    && chown -R submitd:submitd /var/lib/submitd
+# (Named volumes mounted on data/ and certs/ start with this ownership.)
 COPY --from=build /src/target/release/submitd /usr/local/bin/submitd
 USER submitd
 WORKDIR /var/lib/submitd

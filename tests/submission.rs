@@ -974,3 +974,17 @@ async fn rset_keeps_the_session_authenticated() {
     assert_eq!(r.code, 250, "{r:?}");
     assert_eq!(server.queued_ids().len(), 2);
 }
+
+/// RFC 6531: a non-ASCII address needs the SMTPUTF8 parameter on MAIL.
+#[tokio::test]
+async fn non_ascii_addresses_without_smtputf8_are_refused() {
+    let server = TestServer::start().await;
+    server.add_user("alice@example.org").await;
+    let mut c = server.authenticated("alice@example.org").await;
+    c.cmd("MAIL FROM:<alice@example.org>", "250 2.1.0").await;
+    c.cmd("RCPT TO:<jürgen@example.de>", "553 5.6.7").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    c.cmd("MAIL FROM:<alice@example.org> SMTPUTF8", "250 2.1.0")
+        .await;
+    c.cmd("RCPT TO:<jürgen@example.de>", "250 2.1.5").await;
+}

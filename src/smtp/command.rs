@@ -33,6 +33,8 @@ pub enum Command {
         address: String,
         /// The `SIZE=` parameter, if given.
         size: Option<usize>,
+        /// The `SMTPUTF8` parameter (RFC 6531): non-ASCII addresses are allowed.
+        smtputf8: bool,
     },
     Rcpt {
         address: String,
@@ -86,6 +88,7 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         Request::Mail { from } => {
             check_address(&from.address, content, (5, 1, 7))?;
             Command::Mail {
+                smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
                 address: from.address.into_owned(),
                 size: (from.size > 0).then_some(from.size),
             }
@@ -209,6 +212,7 @@ mod tests {
                 Command::Mail {
                     address: "a@example.org".into(),
                     size: Some(1000),
+                    smtputf8: false,
                 },
             ),
             (
@@ -216,6 +220,7 @@ mod tests {
                 Command::Mail {
                     address: String::new(),
                     size: None,
+                    smtputf8: false,
                 },
             ),
             (

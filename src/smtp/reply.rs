@@ -115,6 +115,13 @@ pub mod replies {
             "Message size exceeds fixed maximum message size",
         )
     }
+    pub fn needs_smtputf8() -> Reply {
+        Reply::new(
+            553,
+            (5, 6, 7),
+            "Non-ASCII address requires the SMTPUTF8 parameter",
+        )
+    }
     pub fn temporary_failure() -> Reply {
         Reply::new(451, (4, 3, 0), "Temporary local problem, try again later")
     }

@@ -86,6 +86,8 @@ struct Transaction {
     recipients: Vec<String>,
     /// The client's `SIZE=` estimate, if it gave one.
     declared_size: Option<usize>,
+    /// MAIL carried `SMTPUTF8`: recipients may have non-ASCII addresses.
+    smtputf8: bool,
     /// BDAT chunks have started; DATA is no longer allowed.
     chunking: bool,
 }
@@ -214,7 +216,11 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response),
-            Command::Mail { address, size } => self.mail(address, size),
+            Command::Mail {
+                address,
+                size,
+                smtputf8,
+            } => self.mail(address, size, smtputf8),
             Command::Rcpt { address } => self.rcpt(address),
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
@@ -404,7 +410,7 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, address: String, size: Option<usize>) -> Step {
+    fn mail(&mut self, address: String, size: Option<usize>, smtputf8: bool) -> Step {
         if !self.tls {
             return self.refuse(replies::must_starttls());
         }
@@ -418,6 +424,9 @@ impl Session {
         };
         if size.is_some_and(|s| s > self.settings.max_message_size) {
             return self.refuse(replies::too_big());
+        }
+        if !address.is_ascii() && !smtputf8 {
+            return self.refuse(replies::needs_smtputf8());
         }
         if !address.is_empty() {
             let owned = match Address::parse(&address) {
@@ -443,6 +452,7 @@ impl Session {
                 tx: Transaction {
                     sender: address,
                     declared_size: size,
+                    smtputf8,
                     recipients: Vec::new(),
                     chunking: false,
                 },
@@ -466,6 +476,9 @@ impl Session {
         };
         if tx.recipients.len() >= max {
             return self.refuse(Reply::new(452, (4, 5, 3), "Too many recipients"));
+        }
+        if !address.is_ascii() && !tx.smtputf8 {
+            return self.refuse(replies::needs_smtputf8());
         }
         if Address::parse(&address).is_err() {
             return self.refuse(Reply::new(501, (5, 1, 3), "Bad recipient address syntax"));
@@ -918,6 +931,28 @@ mod tests {
         assert_eq!(
             reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
             (250, Some((2, 1, 0)))
+        );
+    }
+
+    #[test]
+    fn non_ascii_addresses_need_smtputf8() {
+        let mut s = authenticated();
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org>")),
+            (250, Some((2, 1, 0)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<jürgen@example.de>")),
+            (553, Some((5, 6, 7)))
+        );
+        line(&mut s, "RSET");
+        assert_eq!(
+            reply_of(&line(&mut s, "MAIL FROM:<alice@example.org> SMTPUTF8")),
+            (250, Some((2, 1, 0)))
+        );
+        assert_eq!(
+            reply_of(&line(&mut s, "RCPT TO:<jürgen@example.de>")),
+            (250, Some((2, 1, 5)))
         );
     }
 

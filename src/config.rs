@@ -301,6 +301,9 @@ pub struct TimeoutsConfig {
     pub data: Duration,
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub tls_handshake: Duration,
+    /// From connect to a successful AUTH, whatever the client sends meanwhile.
+    #[serde(default = "default_unauthenticated_timeout", with = "humantime_serde")]
+    pub unauthenticated: Duration,
     /// How long shutdown waits for in-flight sessions and deliveries.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -312,6 +315,7 @@ impl Default for TimeoutsConfig {
             command: default_command_timeout(),
             data: default_data_timeout(),
             tls_handshake: default_handshake_timeout(),
+            unauthenticated: default_unauthenticated_timeout(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
@@ -551,6 +555,9 @@ fn default_data_timeout() -> Duration {
 }
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_unauthenticated_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)

@@ -988,3 +988,36 @@ async fn non_ascii_addresses_without_smtputf8_are_refused() {
         .await;
     c.cmd("RCPT TO:<jürgen@example.de>", "250 2.1.5").await;
 }
+
+/// A client that keeps the connection busy without ever authenticating is closed once
+/// `[timeouts] unauthenticated` has passed; an authenticated one is not.
+#[tokio::test]
+async fn unauthenticated_sessions_have_a_deadline() {
+    let server = TestServer::start_tuned(
+        Tuning {
+            timeouts: "unauthenticated = \"1s\"",
+            ..Tuning::default()
+        },
+        "",
+    )
+    .await;
+    server.add_user("alice@example.org").await;
+    let mut trickle = server.client().await;
+    trickle.expect("220").await;
+    let started = Instant::now();
+    let closing = loop {
+        trickle.send(b"NOOP\r\n").await;
+        let r = trickle.reply().await;
+        if r.code != 250 {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(closing.text().starts_with("421 4.7.0"), "{closing:?}");
+    assert!(trickle.is_closed().await);
+
+    let mut authed = server.authenticated("alice@example.org").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    authed.cmd("NOOP", "250 2.0.0").await;
+}

@@ -53,6 +53,8 @@ enum SessionEnd {
 /// Why reading from the client stopped.
 enum ReadError {
     Timeout,
+    /// The session did not authenticate within `[timeouts] unauthenticated`.
+    AuthDeadline,
     Shutdown,
     Closed,
 }
@@ -75,6 +77,7 @@ pub async fn serve(
     let implicit = kind == ListenerKind::Submissions;
     if !implicit {
         let mut conn = Connection::new(&mut stream, peer, &ctx, &policy, None, false);
+        conn.connected = started;
         match conn.run(&mut guard).await {
             SessionEnd::Closed => {
                 info!(client = %peer.ip(), secs = started.elapsed().as_secs(), "closed");
@@ -112,6 +115,7 @@ pub async fn serve(
     };
     debug!(client = %peer.ip(), version = %tls.version, cipher = %tls.cipher, "TLS established");
     let mut conn = Connection::new(&mut tls_stream, peer, &ctx, &policy, Some(tls), implicit);
+    conn.connected = started;
     conn.run(&mut guard).await;
     let _ = tokio::time::timeout(ctx.timeouts.command, tls_stream.shutdown()).await;
     info!(client = %peer.ip(), secs = started.elapsed().as_secs(), "closed");
@@ -143,6 +147,9 @@ struct Connection<'a, S> {
     /// The message being assembled from BDAT chunks.
     chunked: Option<(ContentReader, Vec<u8>)>,
     login: Option<String>,
+    /// When the TCP connection was accepted (before any STARTTLS): the clock of the
+    /// unauthenticated deadline.
+    connected: Instant,
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
@@ -167,6 +174,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             output: Vec::new(),
             chunked: None,
             login: None,
+            connected: Instant::now(),
         }
     }
 
@@ -187,17 +195,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     }
                     return SessionEnd::Closed;
                 }
-                Err(ReadError::Timeout) => {
-                    let reply = self.session.timed_out();
-                    self.close_with(&reply).await;
-                    info!(client = %self.peer.ip(), "idle timeout");
+                Err(e) => {
+                    self.read_failed(e).await;
                     return SessionEnd::Closed;
                 }
-                Err(ReadError::Shutdown) => {
-                    self.close_with(&replies::shutting_down()).await;
-                    return SessionEnd::Closed;
-                }
-                Err(ReadError::Closed) => return SessionEnd::Closed,
             };
             let step = self.session.handle_line(&line);
             if !self.session.in_transaction() {
@@ -315,6 +316,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             ReadError::Timeout => {
                 let reply = self.session.timed_out();
                 self.close_with(&reply).await;
+                info!(client = %self.peer.ip(), "idle timeout");
+            }
+            ReadError::AuthDeadline => {
+                self.close_with(&replies::auth_deadline()).await;
+                info!(client = %self.peer.ip(), "no authentication in time");
             }
             ReadError::Shutdown => self.close_with(&replies::shutting_down()).await,
             ReadError::Closed => {}
@@ -434,6 +440,24 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             self.input = Vec::new();
         }
         self.input.reserve(want);
+        // Before AUTH the whole session has a deadline too, so that a client trickling a
+        // byte now and then cannot hold an unauthenticated slot for ever.
+        let mut timeout = timeout;
+        let mut deadline_bound = false;
+        if !self.session.is_authenticated() {
+            let left = self
+                .ctx
+                .timeouts
+                .unauthenticated
+                .saturating_sub(self.connected.elapsed());
+            if left.is_zero() {
+                return Err(ReadError::AuthDeadline);
+            }
+            if left < timeout {
+                timeout = left;
+                deadline_bound = true;
+            }
+        }
         let read = self.stream.read_buf(&mut self.input);
         let n = if interruptible {
             tokio::select! {
@@ -444,6 +468,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
             tokio::time::timeout(timeout, read).await
         };
         match n {
+            Err(_) if deadline_bound => Err(ReadError::AuthDeadline),
             Err(_) => Err(ReadError::Timeout),
             Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Closed),
             Ok(Ok(_)) => Ok(()),

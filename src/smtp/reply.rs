@@ -105,6 +105,13 @@ pub mod replies {
     pub fn idle_timeout() -> Reply {
         Reply::new(421, (4, 4, 2), "Idle timeout, closing connection")
     }
+    pub fn auth_deadline() -> Reply {
+        Reply::new(
+            421,
+            (4, 7, 0),
+            "Authentication took too long, closing connection",
+        )
+    }
     pub fn shutting_down() -> Reply {
         Reply::new(421, (4, 3, 0), "Server shutting down, try again later")
     }

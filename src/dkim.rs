@@ -20,7 +20,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 
 use crate::config::DkimKeyConfig;
-use crate::policy::headers::Field;
 
 /// Smallest RSA key we sign with (RFC 8301 forbids 1024-bit keys for signing).
 pub const MIN_RSA_BITS: usize = 2048;
@@ -224,18 +223,22 @@ pub fn dns_record(selector: &str, domain: &str, key_type: KeyType, public_key: &
 /// A field in the obsolete `Name : value` form is left out: the signer takes `Name ` (with
 /// the space) for its name while RFC 6376 relaxed canonicalization says `Name`, so a signature
 /// covering it would not verify.
-pub fn signed_header_names(fields: &[Field<'_>]) -> Vec<String> {
+///
+/// `present` are the names of the fields in the final header section; fields in the obsolete
+/// `Name : value` form are left out by the caller, since the signer would not find them.
+pub fn signed_header_names<'a>(present: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let present: Vec<&str> = present.into_iter().collect();
+    let has = |name: &str| present.iter().any(|p| p.eq_ignore_ascii_case(name));
     let mut names = vec!["From".to_owned(), "From".to_owned()];
-    let fields: Vec<&Field<'_>> = fields.iter().filter(|f| !f.obsolete).collect();
     for name in SIGNED_HEADERS {
-        if fields.iter().any(|f| f.is(name)) {
+        if has(name) {
             names.push(name.to_owned());
         }
     }
-    for f in fields {
-        let is_list = f.name.len() > 5 && f.name[..5].eq_ignore_ascii_case("List-");
-        if is_list && !names.iter().any(|n| n.eq_ignore_ascii_case(f.name)) {
-            names.push(f.name.to_owned());
+    for name in &present {
+        let is_list = name.len() > 5 && name[..5].eq_ignore_ascii_case("List-");
+        if is_list && !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            names.push((*name).to_owned());
         }
     }
     names
@@ -322,8 +325,9 @@ mod tests {
     fn header_list_oversigns_from_and_keeps_present_ones() {
         let msg = b"From: a@b.c\r\nTo: x@y.z\r\nSubject: s\r\nReceived: by x\r\nList-Id: <l.example>\r\nReturn-Path: <a@b.c>\r\nX-Other: 1\r\nDate : obsolete\r\n\r\n";
         let (f, _) = fields(msg);
+        let present = f.iter().filter(|f| !f.obsolete).map(|f| f.name);
         assert_eq!(
-            signed_header_names(&f),
+            signed_header_names(present),
             ["From", "From", "To", "Subject", "List-Id"]
         );
     }

@@ -114,17 +114,12 @@ pub fn prepare(
         },
     );
     let from_domain = sender::from_domain(&data, &fields);
-    let mut names_present: Vec<Field<'_>> = kept.iter().map(|f| (*f).clone()).collect();
-    for name in ["Message-ID", "Date"] {
-        if added.contains(&format!("{name}: ")) {
-            names_present.push(Field {
-                name,
-                range: 0..0,
-                obsolete: false,
-            });
-        }
-    }
-    let signed_headers = signed_header_names(&names_present);
+    let signed_headers = signed_header_names(
+        kept.iter()
+            .filter(|f| !f.obsolete)
+            .map(|f| f.name)
+            .chain(added.iter().map(|(name, _)| *name)),
+    );
     let kept_ranges: Vec<_> = kept.iter().map(|f| f.range.clone()).collect();
 
     let total = data.len();
@@ -133,7 +128,13 @@ pub fn prepare(
     for range in kept_ranges {
         message.push_original(range);
     }
-    message.push_added(added.into_bytes());
+    message.push_added(
+        added
+            .into_iter()
+            .map(|(_, line)| line)
+            .collect::<String>()
+            .into_bytes(),
+    );
     if headers::rest_needs_separator(message.original(), header_end) {
         // The header section ended at a line that is not a field. Every reader must see the
         // same split as the scrubbing above, the added fields and the DKIM body hash did, so

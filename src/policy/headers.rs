@@ -136,13 +136,22 @@ mod tests {
 /// The header fields RFC 6409 §8.2 and §8.3 let an MSA add when the client left them out:
 /// `Date` and `Message-ID`. Fields that are present are never rewritten. `random` makes the
 /// Message-ID unique; `now` is seconds since the epoch.
-pub fn missing_fields(fields: &[Field<'_>], hostname: &str, now: i64, random: u128) -> String {
-    let mut added = String::new();
+/// Returns each added field as (name, CRLF-terminated line).
+pub fn missing_fields(
+    fields: &[Field<'_>],
+    hostname: &str,
+    now: i64,
+    random: u128,
+) -> Vec<(&'static str, String)> {
+    let mut added = Vec::new();
     if !fields.iter().any(|f| f.is("Message-ID")) {
-        added.push_str(&format!("Message-ID: <{random:032x}@{hostname}>\r\n"));
+        added.push((
+            "Message-ID",
+            format!("Message-ID: <{random:032x}@{hostname}>\r\n"),
+        ));
     }
     if !fields.iter().any(|f| f.is("Date")) {
-        added.push_str(&format!("Date: {}\r\n", rfc5322_date(now)));
+        added.push(("Date", format!("Date: {}\r\n", rfc5322_date(now))));
     }
     added
 }
@@ -160,11 +169,13 @@ mod fix_tests {
     fn adds_only_what_is_missing() {
         let (f, _) = fields(b"From: a@b.c\r\n\r\n");
         let added = missing_fields(&f, "mx.example.org", 1_796_399_273, 0xab);
+        let names: Vec<&str> = added.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["Message-ID", "Date"]);
         assert_eq!(
-            added,
+            added.into_iter().map(|(_, line)| line).collect::<String>(),
             "Message-ID: <000000000000000000000000000000ab@mx.example.org>\r\nDate: Fri, 4 Dec 2026 15:47:53 +0000\r\n"
         );
         let (f, _) = fields(b"message-id: <x@y>\r\nDATE: whenever\r\n\r\n");
-        assert_eq!(missing_fields(&f, "mx", 0, 1), "");
+        assert!(missing_fields(&f, "mx", 0, 1).is_empty());
     }
 }

@@ -136,27 +136,16 @@ impl Spool {
         self.dir.join("wakeup")
     }
 
-    /// Writes a new message (its parts in order) and its entry, durably. Returns after both
-    /// are on stable storage.
+    /// Writes a new message (its parts in order) and its entry, durably: a batch of one.
     pub fn commit(&self, entry: &Entry, parts: &[&[u8]]) -> Result<(), SpoolError> {
-        let id = &entry.id;
-        let tmp_message = self.tmp(&format!("{id}.eml"));
-        write_synced(&tmp_message, |f| {
-            for part in parts {
-                f.write_all(part)?;
-            }
-            Ok(())
-        })?;
-        let message = self.message_path(id);
-        fs::rename(&tmp_message, &message).map_err(io_err(&message))?;
-        sync_dir(&self.dir.join("messages"))?;
-        self.write_entry(entry)
+        let mut results = self.commit_batch(&[(entry, parts.to_vec())]);
+        results.pop().unwrap_or(Ok(()))
     }
 
     /// Commits several new messages at once (group commit): every message file is written
-    /// and fsync'ed, renamed, and `messages/` fsync'ed once; then every entry likewise with
-    /// one fsync of `entries/`. Same guarantees as [`Spool::commit`] for each message, fewer
-    /// directory fsyncs and no writers contending for the directories. One result per
+    /// to a temp name, fsync'ed and renamed, and `messages/` fsync'ed once; only then every
+    /// entry (the commit point) likewise, with one fsync of `entries/`. So a crash leaves
+    /// either a committed message or garbage that [`Spool::recover`] removes. One result per
     /// message, in order.
     pub fn commit_batch(&self, batch: &[(&Entry, Vec<&[u8]>)]) -> Vec<Result<(), SpoolError>> {
         let mut results: Vec<Result<(), SpoolError>> = batch
@@ -197,14 +186,7 @@ impl Spool {
 
     /// Replaces a message's entry durably.
     pub fn write_entry(&self, entry: &Entry) -> Result<(), SpoolError> {
-        let tmp = self.tmp(&format!("{}.json", entry.id));
-        let json = serde_json::to_vec_pretty(entry).map_err(|source| SpoolError::Corrupt {
-            path: tmp.clone(),
-            source,
-        })?;
-        write_synced(&tmp, |f| f.write_all(&json))?;
-        let path = self.entry_path(&entry.id);
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        self.stage_entry(entry)?;
         sync_dir(&self.dir.join("entries"))
     }
 

@@ -246,13 +246,6 @@ impl Queue {
         result.map(|_| ())
     }
 
-    /// Gives a claimed message back untouched (shutdown before the attempt started).
-    pub fn release(&self, entry: &Entry) {
-        let mut schedule = self.lock();
-        schedule.busy.remove(&entry.id);
-        schedule.put(entry.next_attempt, entry.id.clone());
-    }
-
     /// Messages in the queue, and the receive time (seconds) of the oldest. Queue ids start
     /// with their creation time, so the oldest message is the smallest id.
     pub fn stats(&self) -> (usize, Option<i64>) {

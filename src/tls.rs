@@ -1,10 +1,10 @@
 //! The server's TLS configuration: certificate chain and key from PEM files, TLS 1.2 and 1.3
-//! only, ring as the one crypto provider. Also the development certificate generator.
+//! only, aws-lc-rs as the one crypto provider. Also the development certificate generator.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::crypto::ring::default_provider;
+use rustls::crypto::aws_lc_rs::default_provider;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};

@@ -298,7 +298,7 @@ fn implicit_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector,
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
     .map_err(|e| RelayError::TlsSetup(e.to_string()))?

@@ -61,14 +61,9 @@ async fn submit(
     id
 }
 
-fn entry_path(queue_dir: &Path, id: &str) -> PathBuf {
-    queue_dir.join("entries").join(format!("{id}.json"))
-}
-
 /// A queue entry as JSON, if the message is still queued.
 fn entry(queue_dir: &Path, id: &str) -> Option<Value> {
-    let bytes = std::fs::read(entry_path(queue_dir, id)).ok()?;
-    Some(serde_json::from_slice(&bytes).expect("a queue entry is JSON"))
+    queued_entry(queue_dir, id)
 }
 
 /// Ids of the committed entries.
@@ -1013,7 +1008,7 @@ async fn queue_cli_lists_shows_retries_and_deletes() {
     let out = cli_ok(&config, &["queue", "delete", &two]).await;
     assert!(out.contains(&format!("deleted {two}")), "{out}");
     assert!(entry(&qdir, &two).is_none());
-    assert!(!qdir.join("messages").join(format!("{two}.eml")).exists());
+    assert!(queued_message(&qdir, &two).is_none());
     let list = cli_ok(&config, &["queue", "list"]).await;
     assert!(list.contains("0 message(s)"), "{list}");
     assert!(!cli(&config, &["queue", "show", &two])

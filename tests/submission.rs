@@ -258,14 +258,11 @@ async fn advertised_extensions_work() {
     c.send(dot_stuff(msg.as_bytes()).as_slice()).await;
     c.send(b".\r\n").await;
     let id = queued_id(&c.reply().await);
-    let body = std::fs::read(server.queue_dir().join(format!("messages/{id}.eml"))).unwrap();
+    let body = queued_message(&server.queue_dir(), &id).unwrap();
     assert!(String::from_utf8(body)
         .unwrap()
         .contains("Gr\u{fc}\u{df}e aus K\u{f6}ln."));
-    let entry: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(server.queue_dir().join(format!("entries/{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let entry = queued_entry(&server.queue_dir(), &id).unwrap();
     assert_eq!(entry["recipients"][0]["address"], "bj\u{f8}rn@example.net");
 }
 
@@ -405,10 +402,7 @@ async fn recipient_limit_and_syntax_errors() {
         .await;
     c.send(b".\r\n").await;
     let id = queued_id(&c.reply().await);
-    let entry: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(server.queue_dir().join(format!("entries/{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let entry = queued_entry(&server.queue_dir(), &id).unwrap();
     let rcpts: Vec<&str> = entry["recipients"]
         .as_array()
         .unwrap()
@@ -787,10 +781,7 @@ async fn senders_must_be_owned() {
         )
         .await;
     let id = queued_id(&r);
-    let entry: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(server.queue_dir().join(format!("entries/{id}.json"))).unwrap(),
-    )
-    .unwrap();
+    let entry = queued_entry(&server.queue_dir(), &id).unwrap();
     assert_eq!(entry["sender"], "");
     assert_eq!(server.queued_ids().len(), 2);
 
@@ -816,15 +807,11 @@ async fn accepted_message_is_on_disk_when_250_arrives() {
         )
         .await;
     let id = queued_id(&r);
-    let entry = server.queue_dir().join(format!("entries/{id}.json"));
-    let message = server.queue_dir().join(format!("messages/{id}.eml"));
-    assert!(entry.exists(), "{}", entry.display());
-    assert!(message.exists(), "{}", message.display());
-    let entry: serde_json::Value = serde_json::from_slice(&std::fs::read(entry).unwrap()).unwrap();
+    let entry = queued_entry(&server.queue_dir(), &id).expect("queued");
     assert_eq!(entry["sender"], ALICE);
     assert_eq!(entry["user"], ALICE);
     assert_eq!(entry["recipients"][1]["address"], "carol@example.net");
-    let body = String::from_utf8(std::fs::read(message).unwrap()).unwrap();
+    let body = String::from_utf8(queued_message(&server.queue_dir(), &id).unwrap()).unwrap();
     assert!(body.contains("Subject: accept\r\n"), "{body}");
     assert!(
         body.ends_with("\r\nHello.\r\n.a line with a dot\r\n"),
@@ -849,10 +836,7 @@ async fn bdat_chunks_are_queued() {
         .await;
     let id = queued_id(&c.reply().await);
     assert_eq!(server.queued_ids(), std::slice::from_ref(&id));
-    let body = String::from_utf8(
-        std::fs::read(server.queue_dir().join(format!("messages/{id}.eml"))).unwrap(),
-    )
-    .unwrap();
+    let body = String::from_utf8(queued_message(&server.queue_dir(), &id).unwrap()).unwrap();
     // Chunks are taken as they are: no dot-unstuffing, no end marker.
     assert!(
         body.ends_with("\r\nHello.\r\nfirst chunk\r\n.\r\nQUIT\r\nsecond chunk\r\n"),
@@ -915,7 +899,7 @@ async fn send_with_lettre(server: &TestServer, port: u16, implicit: bool, subjec
     let ids = server.queued_ids();
     assert_eq!(ids.len(), before + 1);
     assert!(ids.iter().any(|i| i == id), "{id} in {ids:?}");
-    let body = std::fs::read(server.queue_dir().join(format!("messages/{id}.eml"))).unwrap();
+    let body = queued_message(&server.queue_dir(), &id).unwrap();
     let body = String::from_utf8(body).unwrap();
     assert!(body.contains(&format!("Subject: {subject}\r\n")), "{body}");
 }

@@ -147,7 +147,7 @@ pub fn retry(spool: &Spool, target: Option<&str>, all: bool) -> anyhow::Result<(
 pub fn delete(spool: &Spool, text: &str) -> anyhow::Result<()> {
     let id = id(text)?;
     let _lock = spool.lock(true)?;
-    match spool.remove(&id) {
+    match spool.remove(&id).and_then(|()| spool.sync_removals()) {
         Ok(()) => {
             println!("deleted {id}");
             Ok(())

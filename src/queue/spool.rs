@@ -1,19 +1,28 @@
-//! The on-disk spool: one immutable message file and one small JSON entry per message.
+//! The on-disk spool: one file per queued message, plus a small state file once an attempt
+//! has left some recipients pending.
 //!
 //! ```text
 //! <dir>/tmp/        files being written; anything left here after a crash is garbage
-//! <dir>/messages/   ID.eml: the message bytes, exactly as they will be relayed
-//! <dir>/entries/    ID.json: envelope, per-recipient state, attempts, next attempt
+//! <dir>/messages/   ID.msg: line 1 the envelope (JSON), then the message bytes exactly as
+//!                   they will be relayed; written once, never changed
+//! <dir>/state/      ID.json: the envelope as it stands after an attempt or `queue retry`;
+//!                   when present it supersedes line 1 of the message file
 //! ```
 //!
-//! A message is committed when its entry appears in `entries/`: the message file is written,
-//! fsync'ed and renamed first, its directory fsync'ed, and only then the entry renamed into
-//! place and `entries/` fsync'ed. So a crash at any moment leaves either a committed message
-//! or garbage that [`Spool::recover`] removes, never an entry without its bytes. Entry updates
-//! are the same write-temp, fsync, rename, fsync-dir dance.
+//! A message is committed when its file appears in `messages/`: it is written to `tmp/`,
+//! fdatasync'ed, renamed into place, and `messages/` fsync'ed. Envelope and bytes share one
+//! file because every fsync is a flush of the disk's cache: one file per message is half the
+//! flushes of a separate envelope, and the spool writer commits concurrent messages as one
+//! batch so they also share the directory fsync. State updates are the same write-temp,
+//! fsync, rename, fsync-directory dance, in `state/`.
+//!
+//! Removal after delivery unlinks the message file, then its state file, without an fsync:
+//! if a crash loses the unlink, the message is delivered again (at least once, never lost),
+//! which is cheaper than a flush per delivered message. A state file whose message is gone is
+//! a removal cut short, and [`Spool::recover`] finishes it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -107,10 +116,13 @@ pub struct Spool {
     dir: PathBuf,
 }
 
+/// The longest envelope line read back; an entry is a few hundred bytes per recipient.
+const MAX_ENVELOPE: u64 = 4 << 20;
+
 impl Spool {
     /// Opens (creating if needed) the spool at `dir`.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
-        for sub in ["tmp", "messages", "entries"] {
+        for sub in ["tmp", "messages", "state"] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -124,11 +136,11 @@ impl Spool {
     }
 
     fn message_path(&self, id: &QueueId) -> PathBuf {
-        self.dir.join("messages").join(format!("{id}.eml"))
+        self.dir.join("messages").join(format!("{id}.msg"))
     }
 
-    fn entry_path(&self, id: &QueueId) -> PathBuf {
-        self.dir.join("entries").join(format!("{id}.json"))
+    fn state_path(&self, id: &QueueId) -> PathBuf {
+        self.dir.join("state").join(format!("{id}.json"))
     }
 
     /// The file a running server watches to rescan the spool (written by `queue retry`).
@@ -136,58 +148,71 @@ impl Spool {
         self.dir.join("wakeup")
     }
 
-    /// Writes a new message (its parts in order) and its entry, durably: a batch of one.
+    /// Writes a new message (its parts in order) with its envelope, durably: a batch of one.
     pub fn commit(&self, entry: &Entry, parts: &[&[u8]]) -> Result<(), SpoolError> {
         let mut results = self.commit_batch(&[(entry, parts.to_vec())]);
         results.pop().unwrap_or(Ok(()))
     }
 
-    /// Commits several new messages at once (group commit): every message file is written
-    /// to a temp name, fsync'ed and renamed, and `messages/` fsync'ed once; only then every
-    /// entry (the commit point) likewise, with one fsync of `entries/`. So a crash leaves
-    /// either a committed message or garbage that [`Spool::recover`] removes. One result per
-    /// message, in order.
+    /// Commits several new messages at once (group commit): every message file is written to
+    /// a temp name first, then each is fdatasync'ed (the disk works through the whole batch
+    /// instead of one file at a time), renamed into `messages/`, and the directory fsync'ed
+    /// once. A crash before that leaves garbage in `tmp/` that [`Spool::recover`] removes,
+    /// never a partial message. One result per message, in order.
     pub fn commit_batch(&self, batch: &[(&Entry, Vec<&[u8]>)]) -> Vec<Result<(), SpoolError>> {
-        let mut results: Vec<Result<(), SpoolError>> = batch
+        let written: Vec<Result<(File, PathBuf), SpoolError>> = batch
             .iter()
-            .map(|(entry, parts)| {
-                let tmp = self.tmp(&format!("{}.eml", entry.id));
-                write_synced(&tmp, |f| parts.iter().try_for_each(|p| f.write_all(p)))?;
+            .map(|(entry, parts)| self.write_message(entry, parts))
+            .collect();
+        let mut results: Vec<Result<(), SpoolError>> = written
+            .into_iter()
+            .zip(batch)
+            .map(|(written, (entry, _))| {
+                let (file, tmp) = written?;
+                file.sync_data().map_err(io_err(&tmp))?;
                 let path = self.message_path(&entry.id);
                 fs::rename(&tmp, &path).map_err(io_err(&path))
             })
             .collect();
-        if let Err(e) = sync_dir(&self.dir.join("messages")) {
-            return batch.iter().map(|_| Err(clone_error(&e))).collect();
-        }
-        for ((entry, _), result) in batch.iter().zip(results.iter_mut()) {
-            if result.is_ok() {
-                *result = self.stage_entry(entry);
+        if results.iter().any(Result::is_ok) {
+            if let Err(e) = sync_dir(&self.dir.join("messages")) {
+                results = batch.iter().map(|_| Err(clone_error(&e))).collect();
             }
-        }
-        if let Err(e) = sync_dir(&self.dir.join("entries")) {
-            return batch.iter().map(|_| Err(clone_error(&e))).collect();
         }
         results
     }
 
-    /// Writes an entry to its temp name, fsyncs it and renames it into place, without the
-    /// directory fsync that makes the rename durable.
-    fn stage_entry(&self, entry: &Entry) -> Result<(), SpoolError> {
+    /// Writes the envelope line and the message to a temp file, left open for the fsync.
+    fn write_message(&self, entry: &Entry, parts: &[&[u8]]) -> Result<(File, PathBuf), SpoolError> {
+        let tmp = self.tmp(&format!("{}.msg", entry.id));
+        // Compact JSON has no raw newline (serde_json escapes control characters), so the
+        // envelope is exactly the first line.
+        let mut envelope = serde_json::to_vec(entry).map_err(|source| SpoolError::Corrupt {
+            path: tmp.clone(),
+            source,
+        })?;
+        envelope.push(b'\n');
+        let mut file = create(&tmp)?;
+        std::iter::once(envelope.as_slice())
+            .chain(parts.iter().copied())
+            .try_for_each(|part| file.write_all(part))
+            .map_err(io_err(&tmp))?;
+        Ok((file, tmp))
+    }
+
+    /// Replaces a message's envelope durably (in `state/`; the message file never changes).
+    pub fn write_entry(&self, entry: &Entry) -> Result<(), SpoolError> {
         let tmp = self.tmp(&format!("{}.json", entry.id));
         let json = serde_json::to_vec_pretty(entry).map_err(|source| SpoolError::Corrupt {
             path: tmp.clone(),
             source,
         })?;
-        write_synced(&tmp, |f| f.write_all(&json))?;
-        let path = self.entry_path(&entry.id);
-        fs::rename(&tmp, &path).map_err(io_err(&path))
-    }
-
-    /// Replaces a message's entry durably.
-    pub fn write_entry(&self, entry: &Entry) -> Result<(), SpoolError> {
-        self.stage_entry(entry)?;
-        sync_dir(&self.dir.join("entries"))
+        let mut file = create(&tmp)?;
+        file.write_all(&json).map_err(io_err(&tmp))?;
+        file.sync_data().map_err(io_err(&tmp))?;
+        let path = self.state_path(&entry.id);
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.dir.join("state"))
     }
 
     /// Takes the spool lock, held until the returned file is dropped: shared for the
@@ -219,8 +244,8 @@ impl Spool {
     }
 
     /// Stores the result of a delivery attempt under the shared lock: removes a finished
-    /// message, or replaces the entry of one still queued. `Ok(false)` when the message was
-    /// deleted meanwhile, in which case nothing is written.
+    /// message, or replaces the envelope of one still queued. `Ok(false)` when the message
+    /// was deleted meanwhile, in which case nothing is written.
     pub fn settle(&self, entry: &Entry, done: bool) -> Result<bool, SpoolError> {
         let _lock = self.lock(false)?;
         if done {
@@ -230,7 +255,7 @@ impl Spool {
                 Err(e) => Err(e),
             };
         }
-        let path = self.entry_path(&entry.id);
+        let path = self.message_path(&entry.id);
         if !path.try_exists().map_err(io_err(&path))? {
             return Ok(false);
         }
@@ -238,44 +263,65 @@ impl Spool {
         Ok(true)
     }
 
-    /// Reads one entry.
+    /// Reads one envelope: the state file when there is one, else line 1 of the message.
     pub fn read_entry(&self, id: &QueueId) -> Result<Entry, SpoolError> {
-        let path = self.entry_path(id);
-        let bytes = fs::read(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
-        serde_json::from_slice(&bytes).map_err(|source| SpoolError::Corrupt { path, source })
+        let path = self.message_path(id);
+        let file = open_message(&path, id)?;
+        let state = self.state_path(id);
+        match fs::read(&state) {
+            Ok(bytes) => {
+                return serde_json::from_slice(&bytes).map_err(|source| SpoolError::Corrupt {
+                    path: state,
+                    source,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&state)(e)),
+        }
+        let mut reader = BufReader::new(file);
+        read_envelope(&mut reader, &path)
     }
 
-    /// Reads a message's bytes.
+    /// Reads a message's bytes (without the envelope line).
     pub fn read_message(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
         let path = self.message_path(id);
-        fs::read(&path).map_err(io_err(&path))
+        let file = open_message(&path, id)?;
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let mut reader = BufReader::new(file);
+        skip_line(&mut reader, &path)?;
+        let mut message = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        reader.read_to_end(&mut message).map_err(io_err(&path))?;
+        Ok(message)
     }
 
-    /// Removes a message: the entry first (un-committing it), then the bytes.
+    /// Removes a message: the message file first (un-committing it), then its state file.
+    /// Not fsync'ed: see the module documentation; [`Spool::sync_removals`] makes it durable.
     pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
-        let entry = self.entry_path(id);
-        match fs::remove_file(&entry) {
+        let message = self.message_path(id);
+        match fs::remove_file(&message) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(SpoolError::NotFound(id.to_string()))
             }
-            Err(e) => return Err(io_err(&entry)(e)),
+            Err(e) => return Err(io_err(&message)(e)),
         }
-        sync_dir(&self.dir.join("entries"))?;
-        let message = self.message_path(id);
-        let _ = fs::remove_file(&message);
-        Ok(())
+        let state = self.state_path(id);
+        match fs::remove_file(&state) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&state)(e)),
+            _ => Ok(()),
+        }
     }
 
-    /// All committed entries, oldest id first. Unreadable entries are reported, not fatal.
+    /// Makes earlier removals durable (for the operator's `queue delete`, which must stick).
+    pub fn sync_removals(&self) -> Result<(), SpoolError> {
+        sync_dir(&self.dir.join("messages"))?;
+        sync_dir(&self.dir.join("state"))
+    }
+
+    /// All committed messages' envelopes, oldest id first. Unreadable ones are reported, not
+    /// fatal.
     pub fn entries(&self) -> Result<(Vec<Entry>, Vec<SpoolError>), SpoolError> {
-        let dir = self.dir.join("entries");
+        let dir = self.dir.join("messages");
         let mut entries = Vec::new();
         let mut errors = Vec::new();
         for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -283,13 +329,15 @@ impl Spool {
             let name = item.file_name();
             let Some(id) = name
                 .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.strip_suffix(".msg"))
                 .and_then(QueueId::parse)
             else {
                 continue;
             };
             match self.read_entry(&id) {
                 Ok(entry) => entries.push(entry),
+                // Delivered and removed while the directory was being read.
+                Err(SpoolError::NotFound(_)) => {}
                 Err(e) => errors.push(e),
             }
         }
@@ -297,8 +345,8 @@ impl Spool {
         Ok((entries, errors))
     }
 
-    /// Start-up cleanup: empties `tmp/` and removes message files that never got an entry.
-    /// Returns how many files were removed.
+    /// Start-up cleanup: empties `tmp/` and removes state files whose message is gone (a
+    /// removal cut short). Returns how many files were removed.
     pub fn recover(&self) -> Result<usize, SpoolError> {
         let mut removed = 0;
         let tmp = self.dir.join("tmp");
@@ -308,14 +356,14 @@ impl Spool {
                 removed += 1;
             }
         }
-        let messages = self.dir.join("messages");
-        for item in fs::read_dir(&messages).map_err(io_err(&messages))? {
-            let path = item.map_err(io_err(&messages))?.path();
+        let state = self.dir.join("state");
+        for item in fs::read_dir(&state).map_err(io_err(&state))? {
+            let path = item.map_err(io_err(&state))?.path();
             let id = path
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .and_then(QueueId::parse);
-            let orphan = id.is_none_or(|id| !self.entry_path(&id).exists());
+            let orphan = id.is_none_or(|id| !self.message_path(&id).exists());
             if orphan && fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
@@ -324,19 +372,55 @@ impl Spool {
     }
 }
 
-/// Creates `path`, lets `fill` write it, and fsyncs it before returning.
-fn write_synced(
-    path: &Path,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> Result<(), SpoolError> {
-    let mut file = OpenOptions::new()
+/// Creates (or truncates) a file for writing.
+fn create(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
+        .map_err(io_err(path))
+}
+
+/// Opens a committed message file; a missing one is [`SpoolError::NotFound`].
+fn open_message(path: &Path, id: &QueueId) -> Result<File, SpoolError> {
+    File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+        _ => io_err(path)(e),
+    })
+}
+
+/// Reads and parses the envelope line at the start of a message file.
+fn read_envelope(reader: &mut impl BufRead, path: &Path) -> Result<Entry, SpoolError> {
+    let mut line = Vec::new();
+    reader
+        .take(MAX_ENVELOPE)
+        .read_until(b'\n', &mut line)
         .map_err(io_err(path))?;
-    fill(&mut file).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
+    serde_json::from_slice(&line).map_err(|source| SpoolError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Skips the envelope line at the start of a message file.
+fn skip_line(reader: &mut impl BufRead, path: &Path) -> Result<(), SpoolError> {
+    loop {
+        let buffer = reader.fill_buf().map_err(io_err(path))?;
+        if buffer.is_empty() {
+            return Err(io_err(path)(io::ErrorKind::UnexpectedEof.into()));
+        }
+        match memchr::memchr(b'\n', buffer) {
+            Some(end) => {
+                reader.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let all = buffer.len();
+                reader.consume(all);
+            }
+        }
+    }
 }
 
 /// A copy of an error for every message of a batch that it failed.
@@ -443,17 +527,53 @@ mod tests {
     }
 
     #[test]
+    fn state_file_supersedes_the_envelope_line_until_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut e = entry("ST1");
+        e.last_error = Some("line one\nline two".into());
+        spool.commit(&e, &[b"x\r\n"]).unwrap();
+        let file = fs::read(dir.path().join("messages/ST1.msg")).unwrap();
+        assert_eq!(
+            file.iter().filter(|&&b| b == b'\n').count(),
+            2,
+            "the envelope is one line even when a field holds a newline"
+        );
+        assert_eq!(spool.read_entry(&e.id).unwrap(), e);
+        e.attempts = 2;
+        spool.write_entry(&e).unwrap();
+        assert_eq!(spool.read_entry(&e.id).unwrap().attempts, 2);
+        assert_eq!(spool.read_message(&e.id).unwrap(), b"x\r\n");
+        spool.remove(&e.id).unwrap();
+        assert!(!dir.path().join("state/ST1.json").exists());
+        assert!(matches!(spool.remove(&e.id), Err(SpoolError::NotFound(_))));
+    }
+
+    #[test]
     fn recover_removes_garbage_but_keeps_committed() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         spool.commit(&entry("KEEP"), &[b"x\r\n"]).unwrap();
-        // A crash after the message rename but before the entry rename, and one mid-write.
-        fs::write(dir.path().join("messages/ORPHAN.eml"), b"half").unwrap();
-        fs::write(dir.path().join("tmp/NEW.eml"), b"partial").unwrap();
+        spool.write_entry(&entry("KEEP")).unwrap();
+        // A crash mid-write, and one between the two unlinks of a removal.
+        fs::write(dir.path().join("tmp/NEW.msg"), b"partial").unwrap();
+        fs::write(dir.path().join("state/GONE.json"), b"{}").unwrap();
         assert_eq!(spool.recover().unwrap(), 2);
         let (entries, errors) = spool.entries().unwrap();
         assert_eq!(entries.len(), 1);
         assert!(errors.is_empty());
+        assert!(dir.path().join("state/KEEP.json").exists());
         assert!(spool.read_message(&QueueId::parse("KEEP").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_corrupt_envelope_is_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        spool.commit(&entry("GOOD"), &[b"x\r\n"]).unwrap();
+        fs::write(dir.path().join("messages/BAD.msg"), b"not json\nbody").unwrap();
+        let (entries, errors) = spool.entries().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(matches!(errors.as_slice(), [SpoolError::Corrupt { .. }]));
     }
 }

@@ -481,22 +481,35 @@ impl Client {
     }
 }
 
-/// Ids of the committed entries in a spool directory, sorted.
+/// Ids of the committed messages in a spool directory, sorted (read with the library's own
+/// spool reader, so tests do not depend on the file layout).
 pub fn queued_ids_in(queue_dir: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = std::fs::read_dir(queue_dir.join("entries"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".json"))
-                        .map(str::to_owned)
-                })
-                .collect()
-        })
+    let Ok(spool) = submitd::queue::Spool::open(queue_dir) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<String> = spool
+        .entries()
+        .map(|(entries, _)| entries.iter().map(|e| e.id.to_string()).collect())
         .unwrap_or_default();
     ids.sort();
     ids
+}
+
+/// A queued message's envelope as JSON, if it is still queued.
+pub fn queued_entry(queue_dir: &Path, id: &str) -> Option<serde_json::Value> {
+    let spool = submitd::queue::Spool::open(queue_dir).ok()?;
+    let entry = spool
+        .read_entry(&submitd::message::QueueId::parse(id)?)
+        .ok()?;
+    Some(serde_json::to_value(entry).expect("an entry is JSON"))
+}
+
+/// A queued message's bytes, if it is still queued.
+pub fn queued_message(queue_dir: &Path, id: &str) -> Option<Vec<u8>> {
+    let spool = submitd::queue::Spool::open(queue_dir).ok()?;
+    spool
+        .read_message(&submitd::message::QueueId::parse(id)?)
+        .ok()
 }
 
 /// base64(`\0user\0password`).

@@ -899,7 +899,7 @@ async fn send_with_lettre(server: &TestServer, port: u16, implicit: bool, subjec
     let ids = server.queued_ids();
     assert_eq!(ids.len(), before + 1);
     assert!(ids.iter().any(|i| i == id), "{id} in {ids:?}");
-    let body = queued_message(&server.queue_dir(), &id).unwrap();
+    let body = queued_message(&server.queue_dir(), id).unwrap();
     let body = String::from_utf8(body).unwrap();
     assert!(body.contains(&format!("Subject: {subject}\r\n")), "{body}");
 }

@@ -16,8 +16,8 @@ use crate::queue::{Entry, Queue, Recipient, RecipientStatus, SpoolError};
 use crate::reload::{Reloadable, SubmitPolicy};
 use crate::smtp::reply::{replies, Reply};
 use crate::smtp::session::Submission;
-use crate::store::trace::TraceRecord;
-use crate::store::{Store, StoreError};
+use crate::store::trace::{TraceRecord, TraceWriter};
+use crate::store::StoreError;
 
 /// Why a submitted message was not queued.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +162,8 @@ pub struct Pipeline {
     /// Privacy settings and DKIM keys; SIGHUP replaces them.
     pub policy: Reloadable<SubmitPolicy>,
     pub queue: Arc<Queue>,
-    pub store: Store,
+    /// Trace records are written in batches shared by concurrent sessions.
+    pub trace: TraceWriter,
 }
 
 impl Pipeline {
@@ -196,8 +197,8 @@ impl Pipeline {
             .tls
             .as_ref()
             .map_or("none".to_owned(), |t| t.version.clone());
-        self.store
-            .insert_trace(&TraceRecord {
+        self.trace
+            .insert(TraceRecord {
                 queue_id: id.to_string(),
                 user: submission.identity.login.to_string(),
                 client_ip: client.address.to_string(),

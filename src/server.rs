@@ -26,6 +26,7 @@ use crate::queue::{Queue, RetryPolicy, SpoolError};
 use crate::reload::{self, Reloadable, SubmitPolicy};
 use crate::smtp::connection::ConnectionContext;
 use crate::smtp::session::SessionSettings;
+use crate::store::trace::TraceWriter;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
 
@@ -132,6 +133,7 @@ pub async fn run(
     };
     let node = config.node_name();
     let auth = Authenticator::new(store.clone(), &config.auth);
+    let (trace, trace_writer) = TraceWriter::start(store.clone());
     let pipeline = Arc::new(Pipeline {
         hostname: config.hostname.clone(),
         node: node.clone(),
@@ -140,7 +142,7 @@ pub async fn run(
             signer,
         })),
         queue: Arc::clone(&queue),
-        store: store.clone(),
+        trace: trace.clone(),
     });
     let ctx = Arc::new(ConnectionContext {
         settings: Arc::new(SessionSettings {
@@ -185,7 +187,7 @@ pub async fn run(
         let delivery = Arc::new(Delivery {
             queue: Arc::clone(&queue),
             relay,
-            store: store.clone(),
+            trace: trace.clone(),
             hostname: config.hostname.clone(),
             node,
         });
@@ -240,6 +242,14 @@ pub async fn run(
             ?grace,
             "grace period over; abandoning what is still running (queued mail stays queued)"
         );
+    }
+    // The outcomes of the last deliveries are still on their way to the database.
+    trace.stop();
+    if tokio::time::timeout(Duration::from_secs(5), trace_writer)
+        .await
+        .is_err()
+    {
+        warn!("trace writer did not finish; the last delivery outcomes may be missing");
     }
     store.close().await;
     info!("stopped");

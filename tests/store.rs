@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use common::postgres::{drop_postgres, fresh_postgres};
 
 use submitd::config::ReceivedPolicy;
-use submitd::store::trace::TraceRecord;
+use submitd::store::trace::{Outcome, TraceRecord, TraceWriter};
 use submitd::store::{Backend, Store, StoreError};
 
 async fn exercise(store: &Store) {
@@ -113,14 +113,64 @@ async fn exercise(store: &Store) {
         found.outcome.get("bob@example.net").map(String::as_str),
         Some("delivered")
     );
+
+    // The batched writer: several sessions' records in one statement, outcomes in another,
+    // the later of two outcomes for one recipient winning.
+    let (writer, task) = TraceWriter::start(store.clone());
+    let sessions: Vec<_> = (2..5)
+        .map(|n| {
+            let writer = writer.clone();
+            let record = TraceRecord {
+                queue_id: format!("Q{n}"),
+                ..record.clone()
+            };
+            tokio::spawn(async move { writer.insert(record).await })
+        })
+        .collect();
+    for session in sessions {
+        session.await.unwrap().unwrap();
+    }
+    for (rcpt, outcome) in [
+        ("bob@example.net", "failed: 451 4.4.1 try later"),
+        ("bob@example.net", "delivered"),
+        ("carol@example.net", "failed: 550 5.1.1 no such user"),
+    ] {
+        writer.outcome(Outcome {
+            queue_id: "Q3".into(),
+            recipient: rcpt.into(),
+            outcome: outcome.into(),
+        });
+    }
+    writer.stop();
+    task.await.unwrap();
+    assert!(matches!(
+        writer.insert(record.clone()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let q3 = store.find_trace("Q3").await.unwrap().unwrap();
+    assert_eq!(q3.client_ip, "192.0.2.7");
+    assert_eq!(
+        q3.outcome,
+        [
+            ("bob@example.net".to_owned(), "delivered".to_owned()),
+            (
+                "carol@example.net".to_owned(),
+                "failed: 550 5.1.1 no such user".to_owned()
+            ),
+        ]
+        .into()
+    );
+    assert!(store.find_trace("Q4").await.unwrap().is_some());
+
     assert_eq!(
         store
             .prune_traces(Duration::from_secs(30 * 86400), now)
             .await
             .unwrap(),
-        1
+        4
     );
     assert!(store.find_trace("Q1").await.unwrap().is_none());
+    assert!(store.find_trace("Q3").await.unwrap().is_none());
 
     // Deleting a user takes their addresses along.
     store.delete_user("alice@example.org").await.unwrap();

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::message::{unix_seconds, Assembled, QueueId};
 use crate::queue::{Entry, Queue, Recipient, RecipientStatus};
-use crate::store::Store;
+use crate::store::trace::{Outcome, TraceWriter};
 use bounce::DsnContext;
 use relay::{RcptOutcome, Relay, RelayConnection, RelayError};
 
@@ -27,7 +27,8 @@ use relay::{RcptOutcome, Relay, RelayConnection, RelayError};
 pub struct Delivery {
     pub queue: Arc<Queue>,
     pub relay: Arc<Relay>,
-    pub store: Store,
+    /// Final outcomes go to the trace records in the background.
+    pub trace: TraceWriter,
     pub hostname: String,
     pub node: String,
 }
@@ -188,13 +189,11 @@ impl Delivery {
                     RecipientStatus::Delivered => "delivered".to_owned(),
                     _ => format!("failed: {}", r.last_reply.as_deref().unwrap_or("")),
                 };
-                if let Err(e) = self
-                    .store
-                    .record_outcome(entry.id.as_str(), &r.address, &outcome)
-                    .await
-                {
-                    warn!(queue_id = %entry.id, error = %e, "cannot record outcome in trace");
-                }
+                self.trace.outcome(Outcome {
+                    queue_id: entry.id.to_string(),
+                    recipient: r.address.clone(),
+                    outcome,
+                });
             }
         }
         self.store_entry(entry).await;

@@ -32,6 +32,8 @@ pub enum StoreError {
     UnknownUser(String),
     #[error("no trace record for {0}")]
     UnknownTrace(String),
+    #[error("trace not recorded: {0}")]
+    Unavailable(String),
 }
 
 /// Which SQL server is behind the pool.

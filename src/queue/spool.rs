@@ -169,13 +169,26 @@ impl Spool {
             .zip(batch)
             .map(|(written, (entry, _))| {
                 let (file, tmp) = written?;
-                file.sync_data().map_err(io_err(&tmp))?;
                 let path = self.message_path(&entry.id);
-                fs::rename(&tmp, &path).map_err(io_err(&path))
+                let placed = file
+                    .sync_data()
+                    .map_err(io_err(&tmp))
+                    .and_then(|()| fs::rename(&tmp, &path).map_err(io_err(&path)));
+                if placed.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                placed
             })
             .collect();
         if results.iter().any(Result::is_ok) {
             if let Err(e) = sync_dir(&self.dir.join("messages")) {
+                // The client hears 451 and sends again: take the files back, so that the
+                // message is not also delivered from a copy found at the next start.
+                for ((entry, _), result) in batch.iter().zip(&results) {
+                    if result.is_ok() {
+                        let _ = fs::remove_file(self.message_path(&entry.id));
+                    }
+                }
                 results = batch.iter().map(|_| Err(clone_error(&e))).collect();
             }
         }
@@ -193,10 +206,13 @@ impl Spool {
         })?;
         envelope.push(b'\n');
         let mut file = create(&tmp)?;
-        std::iter::once(envelope.as_slice())
+        let written = std::iter::once(envelope.as_slice())
             .chain(parts.iter().copied())
-            .try_for_each(|part| file.write_all(part))
-            .map_err(io_err(&tmp))?;
+            .try_for_each(|part| file.write_all(part));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
         Ok((file, tmp))
     }
 
@@ -345,8 +361,9 @@ impl Spool {
         Ok((entries, errors))
     }
 
-    /// Start-up cleanup: empties `tmp/` and removes state files whose message is gone (a
-    /// removal cut short). Returns how many files were removed.
+    /// Start-up cleanup: empties `tmp/`, converts messages queued by the earlier two-file
+    /// layout, and removes state files whose message is gone (a removal cut short). Returns
+    /// how many files were removed.
     pub fn recover(&self) -> Result<usize, SpoolError> {
         let mut removed = 0;
         let tmp = self.dir.join("tmp");
@@ -356,6 +373,7 @@ impl Spool {
                 removed += 1;
             }
         }
+        removed += self.convert_two_file_layout()?;
         let state = self.dir.join("state");
         for item in fs::read_dir(&state).map_err(io_err(&state))? {
             let path = item.map_err(io_err(&state))?.path();
@@ -368,6 +386,68 @@ impl Spool {
                 removed += 1;
             }
         }
+        Ok(removed)
+    }
+}
+
+impl Spool {
+    /// Rewrites messages queued by the layout before the one-file spool (`entries/ID.json`
+    /// beside `messages/ID.eml`) as one file each, so that upgrading loses no queued mail.
+    /// Each new file is committed before the old pair is removed, so a crash midway converts
+    /// the same message again at the next start. An entry that cannot be read is left in
+    /// place and logged. Returns how many leftover files of interrupted commits were removed.
+    fn convert_two_file_layout(&self) -> Result<usize, SpoolError> {
+        let entries = self.dir.join("entries");
+        if !entries.is_dir() {
+            return Ok(0);
+        }
+        let messages = self.dir.join("messages");
+        for item in fs::read_dir(&entries).map_err(io_err(&entries))? {
+            let path = item.map_err(io_err(&entries))?.path();
+            let Some(id) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(QueueId::parse)
+            else {
+                continue;
+            };
+            let old_message = messages.join(format!("{id}.eml"));
+            let converted = fs::read(&path)
+                .map_err(io_err(&path))
+                .and_then(|json| {
+                    serde_json::from_slice::<Entry>(&json).map_err(|source| SpoolError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })
+                })
+                .and_then(|entry| {
+                    let bytes = fs::read(&old_message).map_err(io_err(&old_message))?;
+                    self.commit(&entry, &[&bytes])
+                });
+            match converted {
+                Ok(()) => {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    let _ = fs::remove_file(&old_message);
+                    tracing::info!(queue_id = %id, "converted to the one-file spool");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "queued message not converted; left in place")
+                }
+            }
+        }
+        // A message file without its entry is an old commit that never completed.
+        let mut removed = 0;
+        for item in fs::read_dir(&messages).map_err(io_err(&messages))? {
+            let path = item.map_err(io_err(&messages))?.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            let orphan = path.extension().is_some_and(|e| e == "eml")
+                && !entries.join(format!("{stem}.json")).exists();
+            if orphan && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        // Gone once empty; kept (with what could not be converted) otherwise.
+        let _ = fs::remove_dir(&entries);
         Ok(removed)
     }
 }
@@ -564,6 +644,39 @@ mod tests {
         assert!(errors.is_empty());
         assert!(dir.path().join("state/KEEP.json").exists());
         assert!(spool.read_message(&QueueId::parse("KEEP").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn messages_of_the_two_file_layout_are_converted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = entry("OLD1");
+        fs::create_dir_all(dir.path().join("entries")).unwrap();
+        fs::create_dir_all(dir.path().join("messages")).unwrap();
+        fs::write(
+            dir.path().join("entries/OLD1.json"),
+            serde_json::to_vec_pretty(&old).unwrap(),
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("messages/OLD1.eml"),
+            b"Subject: old\r\n\r\nx\r\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("messages/HALF.eml"), b"never committed").unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            spool.recover().unwrap(),
+            1,
+            "the uncommitted old message file"
+        );
+        assert_eq!(spool.entries().unwrap().0, vec![old.clone()]);
+        assert_eq!(
+            spool.read_message(&old.id).unwrap(),
+            b"Subject: old\r\n\r\nx\r\n"
+        );
+        assert!(!dir.path().join("entries").exists());
+        assert!(!dir.path().join("messages/OLD1.eml").exists());
+        assert_eq!(spool.recover().unwrap(), 0, "nothing more to do");
     }
 
     #[test]

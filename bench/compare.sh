@@ -539,7 +539,7 @@ done
 
 # ------------------------------------------------------------------ table
 echo
-if [ "$REPEAT" -gt 1 ]; then echo "medians of $REPEAT runs"; fi
+if [ "$REPEAT" -gt 1 ]; then echo "medians of $REPEAT runs (idle: one run)"; fi
 if [ -n "$PEER" ]; then
     printf '%-40s | %9s %9s %9s | %9s %9s %9s | %8s %8s\n' "" "submitd" "" "" "peer" "" "" "ratio" "submitd/peer"
     printf '%-40s | %9s %9s %9s | %9s %9s %9s | %8s %8s\n' scenario "msgs/s" "p99 ms" "dlvd/s" "msgs/s" "p99 ms" "dlvd/s" "msgs/s" "p99"

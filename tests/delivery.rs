@@ -470,7 +470,7 @@ async fn kill_9_loses_no_queued_message() {
     );
     wait_spool_empty(&queue_dir, 10).await;
     assert!(
-        std::fs::read_dir(queue_dir.join("messages"))
+        std::fs::read_dir(queue_dir.join("queued"))
             .unwrap()
             .next()
             .is_none(),
@@ -585,6 +585,27 @@ async fn permanent_refusal_delivers_the_rest_and_bounces_once() {
             "message/delivery-status",
             "text/rfc822-headers"
         ]
+    );
+
+    // The trace record learns each recipient's outcome (written in the background).
+    let mut outcome = Default::default();
+    for _ in 0..50 {
+        outcome = server.store.find_trace(&id).await.unwrap().unwrap().outcome;
+        if outcome.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        outcome,
+        [
+            (BOB.to_owned(), "delivered".to_owned()),
+            (
+                NOBODY.to_owned(),
+                "failed: 550 5.1.1 <nobody@example.net>: no such user".to_owned()
+            ),
+        ]
+        .into()
     );
 }
 

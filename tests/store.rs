@@ -141,6 +141,13 @@ async fn exercise(store: &Store) {
             outcome: outcome.into(),
         });
     }
+    // An outcome without a submission (none is written for DSNs; this one is a stray) is
+    // pruned with the old records.
+    writer.outcome(Outcome {
+        queue_id: "STRAY".into(),
+        recipient: "x@example.net".into(),
+        outcome: "delivered".into(),
+    });
     writer.stop();
     task.await.unwrap();
     assert!(matches!(
@@ -171,6 +178,22 @@ async fn exercise(store: &Store) {
     );
     assert!(store.find_trace("Q1").await.unwrap().is_none());
     assert!(store.find_trace("Q3").await.unwrap().is_none());
+    // The stray outcome went too: a record made now under its id starts without outcomes.
+    store
+        .insert_trace(&TraceRecord {
+            queue_id: "STRAY".into(),
+            received_at: submitd::message::unix_seconds(now),
+            ..record.clone()
+        })
+        .await
+        .unwrap();
+    assert!(store
+        .find_trace("STRAY")
+        .await
+        .unwrap()
+        .unwrap()
+        .outcome
+        .is_empty());
 
     // Deleting a user takes their addresses along.
     store.delete_user("alice@example.org").await.unwrap();

@@ -179,10 +179,11 @@ impl Delivery {
             entry.last_error = Some("451 4.3.0 the bounce could not be queued".into());
             self.retry_later(&mut entry, now);
         }
+        // DSNs have no trace record (they were never submitted), so no outcome either.
         for r in entry
             .recipients
             .iter()
-            .filter(|r| r.status != RecipientStatus::Pending)
+            .filter(|r| r.status != RecipientStatus::Pending && !entry.is_bounce)
         {
             if pending.contains(&r.address) {
                 let outcome = match r.status {

@@ -3,23 +3,28 @@
 //!
 //! ```text
 //! <dir>/tmp/        files being written; anything left here after a crash is garbage
-//! <dir>/messages/   ID.msg: line 1 the envelope (JSON), then the message bytes exactly as
+//! <dir>/queued/     ID.msg: line 1 the envelope (JSON), then the message bytes exactly as
 //!                   they will be relayed; written once, never changed
 //! <dir>/state/      ID.json: the envelope as it stands after an attempt or `queue retry`;
 //!                   when present it supersedes line 1 of the message file
 //! ```
 //!
-//! A message is committed when its file appears in `messages/`: it is written to `tmp/`,
-//! fdatasync'ed, renamed into place, and `messages/` fsync'ed. Envelope and bytes share one
+//! A message is committed when its file appears in `queued/`: it is written to `tmp/`,
+//! fdatasync'ed, renamed into place, and `queued/` fsync'ed. Envelope and bytes share one
 //! file because every fsync is a flush of the disk's cache: one file per message is half the
 //! flushes of a separate envelope, and the spool writer commits concurrent messages as one
 //! batch so they also share the directory fsync. State updates are the same write-temp,
 //! fsync, rename, fsync-directory dance, in `state/`.
 //!
 //! Removal after delivery unlinks the message file, then its state file, without an fsync:
-//! if a crash loses the unlink, the message is delivered again (at least once, never lost),
-//! which is cheaper than a flush per delivered message. A state file whose message is gone is
-//! a removal cut short, and [`Spool::recover`] finishes it.
+//! if a crash loses the unlinks, the message comes back with its last durable envelope (or,
+//! should only the state file's unlink survive, with line 1) and is delivered again, maybe
+//! with a second DSN: at least once, never lost, for one flush less per delivered message. A
+//! state file whose message is gone is a removal cut short, and [`Spool::recover`] finishes it.
+//!
+//! The directory is `queued/`, not the `messages/` of the earlier two-file layout, because
+//! that version's start-up deletes any `messages/` file without an entry: going back to it
+//! leaves today's queue untouched (and undelivered) instead of deleting it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -122,7 +127,7 @@ const MAX_ENVELOPE: u64 = 4 << 20;
 impl Spool {
     /// Opens (creating if needed) the spool at `dir`.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
-        for sub in ["tmp", "messages", "state"] {
+        for sub in ["tmp", "queued", "state"] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -136,7 +141,7 @@ impl Spool {
     }
 
     fn message_path(&self, id: &QueueId) -> PathBuf {
-        self.dir.join("messages").join(format!("{id}.msg"))
+        self.dir.join("queued").join(format!("{id}.msg"))
     }
 
     fn state_path(&self, id: &QueueId) -> PathBuf {
@@ -155,10 +160,12 @@ impl Spool {
     }
 
     /// Commits several new messages at once (group commit): every message file is written to
-    /// a temp name first, then each is fdatasync'ed (the disk works through the whole batch
-    /// instead of one file at a time), renamed into `messages/`, and the directory fsync'ed
-    /// once. A crash before that leaves garbage in `tmp/` that [`Spool::recover`] removes,
-    /// never a partial message. One result per message, in order.
+    /// a temp name first, then each is fdatasync'ed, renamed into `queued/`, and the directory
+    /// fsync'ed once; only then may the clients hear 250. A crash before the renames leaves
+    /// garbage in `tmp/` that [`Spool::recover`] removes, never a partial message; a crash
+    /// between the renames and the directory fsync may keep complete messages whose clients
+    /// heard nothing and send them again (a duplicate, never a loss). One result per message,
+    /// in order.
     pub fn commit_batch(&self, batch: &[(&Entry, Vec<&[u8]>)]) -> Vec<Result<(), SpoolError>> {
         let written: Vec<Result<(File, PathBuf), SpoolError>> = batch
             .iter()
@@ -181,7 +188,7 @@ impl Spool {
             })
             .collect();
         if results.iter().any(Result::is_ok) {
-            if let Err(e) = sync_dir(&self.dir.join("messages")) {
+            if let Err(e) = sync_dir(&self.dir.join("queued")) {
                 // The client hears 451 and sends again: take the files back, so that the
                 // message is not also delivered from a copy found at the next start.
                 for ((entry, _), result) in batch.iter().zip(&results) {
@@ -330,14 +337,14 @@ impl Spool {
 
     /// Makes earlier removals durable (for the operator's `queue delete`, which must stick).
     pub fn sync_removals(&self) -> Result<(), SpoolError> {
-        sync_dir(&self.dir.join("messages"))?;
+        sync_dir(&self.dir.join("queued"))?;
         sync_dir(&self.dir.join("state"))
     }
 
     /// All committed messages' envelopes, oldest id first. Unreadable ones are reported, not
     /// fatal.
     pub fn entries(&self) -> Result<(Vec<Entry>, Vec<SpoolError>), SpoolError> {
-        let dir = self.dir.join("messages");
+        let dir = self.dir.join("queued");
         let mut entries = Vec::new();
         let mut errors = Vec::new();
         for item in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -392,10 +399,11 @@ impl Spool {
 
 impl Spool {
     /// Rewrites messages queued by the layout before the one-file spool (`entries/ID.json`
-    /// beside `messages/ID.eml`) as one file each, so that upgrading loses no queued mail.
-    /// Each new file is committed before the old pair is removed, so a crash midway converts
-    /// the same message again at the next start. An entry that cannot be read is left in
-    /// place and logged. Returns how many leftover files of interrupted commits were removed.
+    /// beside `messages/ID.eml`) as one file each in `queued/`, so that upgrading loses no
+    /// queued mail. Each new file is committed before the old pair is removed, and a pair
+    /// whose new file exists already (a conversion cut short) is only removed. An entry that
+    /// cannot be read is left in place and logged at every start. Returns how many leftover
+    /// files of interrupted commits were removed.
     fn convert_two_file_layout(&self) -> Result<usize, SpoolError> {
         let entries = self.dir.join("entries");
         if !entries.is_dir() {
@@ -412,43 +420,53 @@ impl Spool {
                 continue;
             };
             let old_message = messages.join(format!("{id}.eml"));
-            let converted = fs::read(&path)
-                .map_err(io_err(&path))
-                .and_then(|json| {
-                    serde_json::from_slice::<Entry>(&json).map_err(|source| SpoolError::Corrupt {
-                        path: path.clone(),
-                        source,
-                    })
-                })
-                .and_then(|entry| {
-                    let bytes = fs::read(&old_message).map_err(io_err(&old_message))?;
-                    self.commit(&entry, &[&bytes])
-                });
+            let converted = if self.message_path(&id).exists() {
+                Ok(())
+            } else {
+                self.convert_one(&path, &old_message)
+            };
             match converted {
                 Ok(()) => {
-                    fs::remove_file(&path).map_err(io_err(&path))?;
                     let _ = fs::remove_file(&old_message);
+                    fs::remove_file(&path).map_err(io_err(&path))?;
                     tracing::info!(queue_id = %id, "converted to the one-file spool");
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "queued message not converted; left in place")
-                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "queued message of the old layout not converted; left in entries/ and messages/"
+                ),
             }
         }
         // A message file without its entry is an old commit that never completed.
         let mut removed = 0;
-        for item in fs::read_dir(&messages).map_err(io_err(&messages))? {
-            let path = item.map_err(io_err(&messages))?.path();
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            let orphan = path.extension().is_some_and(|e| e == "eml")
-                && !entries.join(format!("{stem}.json")).exists();
-            if orphan && fs::remove_file(&path).is_ok() {
-                removed += 1;
+        if messages.is_dir() {
+            for item in fs::read_dir(&messages).map_err(io_err(&messages))? {
+                let path = item.map_err(io_err(&messages))?.path();
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                let orphan = path.extension().is_some_and(|e| e == "eml")
+                    && !entries.join(format!("{stem}.json")).exists();
+                if orphan && fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
             }
+            sync_dir(&messages)?;
         }
-        // Gone once empty; kept (with what could not be converted) otherwise.
+        sync_dir(&entries)?;
+        // Both go once empty; kept with what could not be converted otherwise.
         let _ = fs::remove_dir(&entries);
+        let _ = fs::remove_dir(&messages);
         Ok(removed)
+    }
+
+    /// Commits one message of the old layout from its entry and message files.
+    fn convert_one(&self, entry_path: &Path, message_path: &Path) -> Result<(), SpoolError> {
+        let json = fs::read(entry_path).map_err(io_err(entry_path))?;
+        let entry: Entry = serde_json::from_slice(&json).map_err(|source| SpoolError::Corrupt {
+            path: entry_path.to_owned(),
+            source,
+        })?;
+        let bytes = fs::read(message_path).map_err(io_err(message_path))?;
+        self.commit(&entry, &[&bytes])
     }
 }
 
@@ -613,7 +631,7 @@ mod tests {
         let mut e = entry("ST1");
         e.last_error = Some("line one\nline two".into());
         spool.commit(&e, &[b"x\r\n"]).unwrap();
-        let file = fs::read(dir.path().join("messages/ST1.msg")).unwrap();
+        let file = fs::read(dir.path().join("queued/ST1.msg")).unwrap();
         assert_eq!(
             file.iter().filter(|&&b| b == b'\n').count(),
             2,
@@ -675,8 +693,45 @@ mod tests {
             b"Subject: old\r\n\r\nx\r\n"
         );
         assert!(!dir.path().join("entries").exists());
-        assert!(!dir.path().join("messages/OLD1.eml").exists());
+        assert!(!dir.path().join("messages").exists());
         assert_eq!(spool.recover().unwrap(), 0, "nothing more to do");
+    }
+
+    #[test]
+    fn a_conversion_cut_short_is_finished_without_duplicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut e = entry("CUT1");
+        spool.commit(&e, &[b"new\r\n"]).unwrap();
+        e.attempts = 4;
+        spool.write_entry(&e).unwrap();
+        // The crash came after the new file, before the old pair was removed (here with only
+        // the entry left), and the server has since recorded an attempt.
+        fs::create_dir_all(dir.path().join("entries")).unwrap();
+        fs::write(
+            dir.path().join("entries/CUT1.json"),
+            serde_json::to_vec(&entry("CUT1")).unwrap(),
+        )
+        .unwrap();
+        spool.recover().unwrap();
+        assert_eq!(
+            spool.read_entry(&e.id).unwrap().attempts,
+            4,
+            "not converted again"
+        );
+        assert_eq!(spool.read_message(&e.id).unwrap(), b"new\r\n");
+        assert!(!dir.path().join("entries").exists());
+    }
+
+    #[test]
+    fn the_old_layout_never_sees_the_new_files() {
+        // The earlier version deletes `messages/*` without an entry at start; going back to it
+        // must not find today's queue there.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        spool.commit(&entry("NEW1"), &[b"x\r\n"]).unwrap();
+        assert!(!dir.path().join("messages").exists());
+        assert!(dir.path().join("queued/NEW1.msg").exists());
     }
 
     #[test]
@@ -684,7 +739,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         spool.commit(&entry("GOOD"), &[b"x\r\n"]).unwrap();
-        fs::write(dir.path().join("messages/BAD.msg"), b"not json\nbody").unwrap();
+        fs::write(dir.path().join("queued/BAD.msg"), b"not json\nbody").unwrap();
         let (entries, errors) = spool.entries().unwrap();
         assert_eq!(entries.len(), 1);
         assert!(matches!(errors.as_slice(), [SpoolError::Corrupt { .. }]));

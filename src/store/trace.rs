@@ -174,17 +174,18 @@ impl Store {
         now: SystemTime,
     ) -> Result<u64, StoreError> {
         let cutoff = unix_seconds(now) - i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
-        sqlx::query(
-            "DELETE FROM submission_outcomes WHERE queue_id IN \
-             (SELECT queue_id FROM submissions WHERE received_at < $1)",
-        )
-        .bind(cutoff)
-        .execute(self.pool())
-        .await?;
         let done = sqlx::query("DELETE FROM submissions WHERE received_at < $1")
             .bind(cutoff)
             .execute(self.pool())
             .await?;
+        // Outcomes whose submission is gone: pruned just now, or never recorded. A record is
+        // written before its message is queued, so no live outcome is without one.
+        sqlx::query(
+            "DELETE FROM submission_outcomes WHERE NOT EXISTS \
+             (SELECT 1 FROM submissions s WHERE s.queue_id = submission_outcomes.queue_id)",
+        )
+        .execute(self.pool())
+        .await?;
         Ok(done.rows_affected())
     }
 }
@@ -192,39 +193,50 @@ impl Store {
 /// Most requests written in one statement.
 const MAX_BATCH: usize = 64;
 
-/// A request to the trace writer.
-enum Write {
-    /// A submission; its sender waits for the result before answering `250`.
-    Submission(TraceRecord, oneshot::Sender<Result<(), String>>),
-    /// A final outcome; nobody waits for it.
-    Outcome(Outcome),
-    /// Write what came before, then stop.
-    Stop,
-}
+/// A submission's record and the session waiting for it to be written.
+type Pending = (TraceRecord, oneshot::Sender<Result<(), String>>);
+
+/// A request to one of the trace writer's two loops; `None` asks it to stop.
+type Request<T> = Option<T>;
 
 /// Writes trace records and outcomes in batches: whatever arrived while the previous
 /// statement ran goes into the next one, so concurrent sessions share one round trip to the
 /// database (on SQLite, one write transaction) instead of queueing for the writer lock one by
-/// one. A submission's record is still written before its `250`.
+/// one. A submission's record is still written before its `250`. Records and outcomes have
+/// loops of their own, so a slow outcome write never holds up a session's answer.
 #[derive(Debug, Clone)]
 pub struct TraceWriter {
-    requests: mpsc::UnboundedSender<Write>,
+    submissions: mpsc::UnboundedSender<Request<Pending>>,
+    outcomes: mpsc::UnboundedSender<Request<Outcome>>,
 }
 
 impl TraceWriter {
     /// Starts the writer task; it ends after [`TraceWriter::stop`] (or when every
     /// `TraceWriter` is gone), once the requests sent before have been written.
     pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
-        let (requests, queue) = mpsc::unbounded_channel();
-        (Self { requests }, tokio::spawn(write_batches(store, queue)))
+        let (submissions, submission_queue) = mpsc::unbounded_channel();
+        let (outcomes, outcome_queue) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            tokio::join!(
+                write_submissions(&store, submission_queue),
+                write_outcomes(&store, outcome_queue)
+            );
+        });
+        (
+            Self {
+                submissions,
+                outcomes,
+            },
+            task,
+        )
     }
 
     /// Records a submission; returns once it is written.
     pub async fn insert(&self, record: TraceRecord) -> Result<(), StoreError> {
         let (done, result) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the trace writer has stopped".into());
-        self.requests
-            .send(Write::Submission(record, done))
+        self.submissions
+            .send(Some((record, done)))
             .map_err(|_| stopped())?;
         result
             .await
@@ -232,47 +244,63 @@ impl TraceWriter {
             .map_err(StoreError::Unavailable)
     }
 
-    /// Asks the writer to finish: requests sent before are written, later ones refused.
+    /// Asks the writer to finish: what was sent before is written; what comes later is
+    /// refused, at the latest once the batch in hand is done.
     pub fn stop(&self) {
-        let _ = self.requests.send(Write::Stop);
+        let _ = self.submissions.send(None);
+        let _ = self.outcomes.send(None);
     }
 
     /// Records a recipient's final outcome, in the background.
     pub fn outcome(&self, outcome: Outcome) {
-        if self.requests.send(Write::Outcome(outcome)).is_err() {
+        if self.outcomes.send(Some(outcome)).is_err() {
             tracing::warn!("trace writer stopped; delivery outcome not recorded");
         }
     }
 }
 
-async fn write_batches(store: Store, mut queue: mpsc::UnboundedReceiver<Write>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut stopping = false;
-    while !stopping && queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut records = Vec::new();
-        let mut waiting = Vec::new();
-        let mut outcomes = Vec::new();
-        for write in batch.drain(..) {
-            match write {
-                Write::Submission(record, done) => {
-                    records.push(record);
-                    waiting.push(done);
-                }
-                Write::Outcome(o) => outcomes.push(o),
-                Write::Stop => stopping = true,
+/// Takes the next batch: `None` once stopped or every sender is gone.
+async fn next_batch<T>(queue: &mut mpsc::UnboundedReceiver<Request<T>>) -> Option<(Vec<T>, bool)> {
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    if queue.recv_many(&mut requests, MAX_BATCH).await == 0 {
+        return None;
+    }
+    let stop = requests.iter().any(Option::is_none);
+    Some((requests.into_iter().flatten().collect(), stop))
+}
+
+async fn write_submissions(store: &Store, mut queue: mpsc::UnboundedReceiver<Request<Pending>>) {
+    while let Some((batch, stop)) = next_batch(&mut queue).await {
+        let (records, waiting): (Vec<TraceRecord>, Vec<_>) = batch.into_iter().unzip();
+        let mut results = vec![store
+            .insert_traces(&records)
+            .await
+            .map_err(|e| e.to_string())];
+        if results[0].is_err() && records.len() > 1 {
+            // One bad record must not fail every session of the batch: try each alone.
+            results.clear();
+            for record in &records {
+                let result = store.insert_trace(record).await;
+                results.push(result.map_err(|e| e.to_string()));
             }
         }
-        if !records.is_empty() {
-            let result = store
-                .insert_traces(&records)
-                .await
-                .map_err(|e| e.to_string());
-            for done in waiting {
-                let _ = done.send(result.clone());
-            }
+        for (n, done) in waiting.into_iter().enumerate() {
+            let result = results.get(n).unwrap_or(&results[0]).clone();
+            let _ = done.send(result);
         }
+        if stop {
+            return;
+        }
+    }
+}
+
+async fn write_outcomes(store: &Store, mut queue: mpsc::UnboundedReceiver<Request<Outcome>>) {
+    while let Some((outcomes, stop)) = next_batch(&mut queue).await {
         if let Err(e) = store.record_outcomes(&outcomes).await {
             tracing::warn!(error = %e, count = outcomes.len(), "cannot record delivery outcomes");
+        }
+        if stop {
+            return;
         }
     }
 }

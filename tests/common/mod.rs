@@ -484,32 +484,36 @@ impl Client {
 /// Ids of the committed messages in a spool directory, sorted (read with the library's own
 /// spool reader, so tests do not depend on the file layout).
 pub fn queued_ids_in(queue_dir: &Path) -> Vec<String> {
-    let Ok(spool) = submitd::queue::Spool::open(queue_dir) else {
-        return Vec::new();
-    };
-    let mut ids: Vec<String> = spool
-        .entries()
-        .map(|(entries, _)| entries.iter().map(|e| e.id.to_string()).collect())
-        .unwrap_or_default();
+    let spool = submitd::queue::Spool::open(queue_dir).expect("spool opens");
+    let (entries, errors) = spool.entries().expect("spool lists");
+    assert!(errors.is_empty(), "unreadable queue entries: {errors:?}");
+    let mut ids: Vec<String> = entries.iter().map(|e| e.id.to_string()).collect();
     ids.sort();
     ids
 }
 
-/// A queued message's envelope as JSON, if it is still queued.
+/// A queued message's envelope as JSON; `None` once it has left the queue (any other spool
+/// error fails the test).
 pub fn queued_entry(queue_dir: &Path, id: &str) -> Option<serde_json::Value> {
-    let spool = submitd::queue::Spool::open(queue_dir).ok()?;
-    let entry = spool
-        .read_entry(&submitd::message::QueueId::parse(id)?)
-        .ok()?;
-    Some(serde_json::to_value(entry).expect("an entry is JSON"))
+    let spool = submitd::queue::Spool::open(queue_dir).expect("spool opens");
+    let id = submitd::message::QueueId::parse(id).expect("a queue id");
+    match spool.read_entry(&id) {
+        Ok(entry) => Some(serde_json::to_value(entry).expect("an entry is JSON")),
+        Err(submitd::queue::SpoolError::NotFound(_)) => None,
+        Err(e) => panic!("reading the entry of {id}: {e}"),
+    }
 }
 
-/// A queued message's bytes, if it is still queued.
+/// A queued message's bytes; `None` once it has left the queue (any other spool error fails
+/// the test).
 pub fn queued_message(queue_dir: &Path, id: &str) -> Option<Vec<u8>> {
-    let spool = submitd::queue::Spool::open(queue_dir).ok()?;
-    spool
-        .read_message(&submitd::message::QueueId::parse(id)?)
-        .ok()
+    let spool = submitd::queue::Spool::open(queue_dir).expect("spool opens");
+    let id = submitd::message::QueueId::parse(id).expect("a queue id");
+    match spool.read_message(&id) {
+        Ok(bytes) => Some(bytes),
+        Err(submitd::queue::SpoolError::NotFound(_)) => None,
+        Err(e) => panic!("reading the message {id}: {e}"),
+    }
 }
 
 /// base64(`\0user\0password`).

@@ -180,10 +180,11 @@ impl Delivery {
             self.retry_later(&mut entry, now);
         }
         // DSNs have no trace record (they were never submitted), so no outcome either.
+        let traced = !entry.is_bounce;
         for r in entry
             .recipients
             .iter()
-            .filter(|r| r.status != RecipientStatus::Pending && !entry.is_bounce)
+            .filter(|r| traced && r.status != RecipientStatus::Pending)
         {
             if pending.contains(&r.address) {
                 let outcome = match r.status {

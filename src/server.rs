@@ -79,26 +79,24 @@ impl Listeners {
             (&config.listen.submissions, &mut listeners.submissions),
         ] {
             for addr in addrs {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServerError::Bind {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
-                out.push(l);
+                out.push(bind_one(*addr).await?);
             }
         }
         if let Some(addr) = config.listen.metrics {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            listeners.metrics = Some(l);
+            listeners.metrics = Some(bind_one(addr).await?);
         }
         Ok(listeners)
     }
+}
+
+/// Binds one listening address, naming it in the error.
+async fn bind_one(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Runs the server until `controls.shutdown` is cancelled, then shuts down gracefully.

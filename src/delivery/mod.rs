@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::message::{unix_seconds, Assembled, QueueId};
-use crate::queue::{Entry, Queue, Recipient, RecipientStatus};
+use crate::queue::{Entry, Queue, Recipient, RecipientStatus, SpoolError};
 use crate::store::trace::{Outcome, TraceWriter};
 use bounce::DsnContext;
 use relay::{RcptOutcome, Relay, RelayConnection, RelayError};
@@ -46,8 +46,8 @@ impl Delivery {
                 }
             }
             let idle = self.relay.idle_timeout();
-            let entry = tokio::select! {
-                e = self.queue.next_due(&stop) => e,
+            let id = tokio::select! {
+                id = self.queue.next_due(&stop) => id,
                 _ = tokio::time::sleep(idle), if connection.is_some() => {
                     if let Some(c) = connection.take() {
                         c.quit().await;
@@ -55,18 +55,33 @@ impl Delivery {
                     continue;
                 }
             };
-            let Some(entry) = entry else { break };
-            self.attempt(entry, &mut connection).await;
+            let Some(id) = id else { break };
+            match self.queue.load(&id).await {
+                Ok((entry, message)) => self.attempt(entry, message, &mut connection).await,
+                Err(SpoolError::NotFound(_)) => {
+                    info!(queue_id = %id, "deleted from the queue before its attempt");
+                    self.queue.release(&id);
+                }
+                Err(e) => {
+                    error!(queue_id = %id, error = %e, "cannot read queue entry; left in place");
+                    self.queue.release(&id);
+                }
+            }
         }
         if let Some(c) = connection.take() {
             c.quit().await;
         }
     }
 
-    /// One delivery attempt of one message.
-    async fn attempt(&self, mut entry: Entry, connection: &mut Option<RelayConnection>) {
+    /// One delivery attempt of one message, given its envelope and (when readable) its bytes.
+    async fn attempt(
+        &self,
+        mut entry: Entry,
+        message: Result<Vec<u8>, SpoolError>,
+        connection: &mut Option<RelayConnection>,
+    ) {
         let started = std::time::Instant::now();
-        let message = match self.read_message(&entry.id).await {
+        let message = match message {
             Ok(m) => m,
             Err(e) => {
                 // Without its bytes the message cannot be delivered; keep the entry for the
@@ -213,19 +228,6 @@ impl Delivery {
         if let Err(e) = self.queue.finish(entry).await {
             error!(queue_id = %id, error = %e, "cannot update queue entry");
         }
-    }
-
-    async fn read_message(&self, id: &QueueId) -> Result<Vec<u8>, crate::queue::SpoolError> {
-        let spool = self.queue.spool().clone();
-        let id = id.clone();
-        tokio::task::spawn_blocking(move || spool.read_message(&id))
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::queue::SpoolError::Io {
-                    path: "spool reader".into(),
-                    source: std::io::Error::other(e),
-                })
-            })
     }
 
     /// Sends over the kept connection, opening one if needed; any connection-level failure

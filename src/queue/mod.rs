@@ -182,8 +182,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Waits for the next due message and claims it; `None` once `stop` is cancelled.
-    pub async fn next_due(&self, stop: &CancellationToken) -> Option<Entry> {
+    /// Waits for the next due message and claims it (until [`Queue::finish`] or
+    /// [`Queue::release`]); `None` once `stop` is cancelled.
+    pub async fn next_due(&self, stop: &CancellationToken) -> Option<QueueId> {
         loop {
             let wait = {
                 let mut schedule = self.lock();
@@ -193,18 +194,8 @@ impl Queue {
                         let Some((_, id)) = schedule.pop_first() else {
                             continue;
                         };
-                        match self.spool.read_entry(&id) {
-                            Ok(entry) => {
-                                schedule.busy.insert(id);
-                                return Some(entry);
-                            }
-                            // Deleted by `queue delete` since it was scheduled.
-                            Err(SpoolError::NotFound(_)) => continue,
-                            Err(e) => {
-                                tracing::error!(%id, error = %e, "cannot read queue entry");
-                                continue;
-                            }
-                        }
+                        schedule.busy.insert(id.clone());
+                        return Some(id);
                     }
                     Some((at, _)) => Duration::from_secs(u64::try_from(at - now).unwrap_or(1)),
                     None => Duration::from_secs(3600),
@@ -216,6 +207,27 @@ impl Queue {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Reads a claimed message for its attempt, off the reactor (see [`Spool::load`]).
+    pub async fn load(
+        &self,
+        id: &QueueId,
+    ) -> Result<(Entry, Result<Vec<u8>, SpoolError>), SpoolError> {
+        let spool = self.spool.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || spool.load(&id))
+            .await
+            .map_err(|e| SpoolError::Io {
+                path: "spool reader".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Gives up a claimed message without an attempt: deleted since it was scheduled, or
+    /// unreadable (left in the spool for the operator; a rescan schedules it again).
+    pub fn release(&self, id: &QueueId) {
+        self.lock().busy.remove(id);
     }
 
     /// Stores the outcome of an attempt: removes a finished message, or writes its entry and

@@ -290,19 +290,10 @@ impl Spool {
     pub fn read_entry(&self, id: &QueueId) -> Result<Entry, SpoolError> {
         let path = self.message_path(id);
         let file = open_message(&path, id)?;
-        let state = self.state_path(id);
-        match fs::read(&state) {
-            Ok(bytes) => {
-                return serde_json::from_slice(&bytes).map_err(|source| SpoolError::Corrupt {
-                    path: state,
-                    source,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&state)(e)),
+        match self.read_state(id)? {
+            Some(entry) => Ok(entry),
+            None => read_envelope(&mut BufReader::new(file), &path),
         }
-        let mut reader = BufReader::new(file);
-        read_envelope(&mut reader, &path)
     }
 
     /// Reads a message's bytes (without the envelope line).
@@ -312,9 +303,41 @@ impl Spool {
         let size = file.metadata().map_err(io_err(&path))?.len();
         let mut reader = BufReader::new(file);
         skip_line(&mut reader, &path)?;
-        let mut message = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        reader.read_to_end(&mut message).map_err(io_err(&path))?;
-        Ok(message)
+        read_rest(reader, size, &path)
+    }
+
+    /// Reads what a delivery attempt needs from one open of the message file: the envelope
+    /// (the state file's when there is one) and the bytes. The bytes have their own result,
+    /// so that a message whose envelope is readable but whose bytes are not can still be
+    /// retried, expired and reported.
+    pub fn load(&self, id: &QueueId) -> Result<(Entry, Result<Vec<u8>, SpoolError>), SpoolError> {
+        let path = self.message_path(id);
+        let file = open_message(&path, id)?;
+        let size = file.metadata().map_err(io_err(&path))?.len();
+        let mut reader = BufReader::new(file);
+        let line_one = read_envelope(&mut reader, &path);
+        let entry = match self.read_state(id)? {
+            Some(entry) => entry,
+            None => line_one?,
+        };
+        Ok((entry, read_rest(reader, size, &path)))
+    }
+
+    /// The envelope in `state/`, if an attempt or `queue retry` has written one.
+    fn read_state(&self, id: &QueueId) -> Result<Option<Entry>, SpoolError> {
+        let state = self.state_path(id);
+        match fs::read(&state) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| SpoolError::Corrupt {
+                        path: state,
+                        source,
+                    })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&state)(e)),
+        }
     }
 
     /// Removes a message: the message file first (un-committing it), then its state file.
@@ -501,6 +524,13 @@ fn read_envelope(reader: &mut impl BufRead, path: &Path) -> Result<Entry, SpoolE
     })
 }
 
+/// Reads the message bytes that follow the envelope line; `size` (the file's) bounds them.
+fn read_rest(mut reader: BufReader<File>, size: u64, path: &Path) -> Result<Vec<u8>, SpoolError> {
+    let mut message = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    reader.read_to_end(&mut message).map_err(io_err(path))?;
+    Ok(message)
+}
+
 /// Skips the envelope line at the start of a message file.
 fn skip_line(reader: &mut impl BufRead, path: &Path) -> Result<(), SpoolError> {
     loop {
@@ -645,6 +675,34 @@ mod tests {
         spool.remove(&e.id).unwrap();
         assert!(!dir.path().join("state/ST1.json").exists());
         assert!(matches!(spool.remove(&e.id), Err(SpoolError::NotFound(_))));
+    }
+
+    #[test]
+    fn load_reads_envelope_and_bytes_from_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut e = entry("LD1");
+        spool
+            .commit(&e, &[b"Subject: x\r\n", b"\r\nbody\r\n"])
+            .unwrap();
+        let (loaded, bytes) = spool.load(&e.id).unwrap();
+        assert_eq!(loaded, e);
+        assert_eq!(bytes.unwrap(), b"Subject: x\r\n\r\nbody\r\n");
+        e.attempts = 7;
+        spool.write_entry(&e).unwrap();
+        assert_eq!(
+            spool.load(&e.id).unwrap().0.attempts,
+            7,
+            "the state file wins"
+        );
+        // A first line that is no envelope.
+        fs::write(dir.path().join("queued/LD2.msg"), b"{}").unwrap();
+        assert!(matches!(
+            spool.load(&QueueId::parse("LD2").unwrap()),
+            Err(SpoolError::Corrupt { .. })
+        ));
+        spool.remove(&e.id).unwrap();
+        assert!(matches!(spool.load(&e.id), Err(SpoolError::NotFound(_))));
     }
 
     #[test]
